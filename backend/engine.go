@@ -1,0 +1,237 @@
+package backend
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+)
+
+// Op is what a Request asks of the store.
+type Op uint8
+
+// The operations a lane executes. FLUSH is not one of them: it is the
+// Engine's Flush, which goes through the Barrier.
+const (
+	OpRead Op = iota
+	OpWrite
+	OpDiscard
+	OpWriteZeroes
+)
+
+func (o Op) String() string {
+	switch o {
+	case OpRead:
+		return "read"
+	case OpWrite:
+		return "write"
+	case OpDiscard:
+		return "discard"
+	case OpWriteZeroes:
+		return "write-zeroes"
+	}
+	return fmt.Sprintf("op(%d)", uint8(o))
+}
+
+// Completer receives a request back once a lane has executed it.
+type Completer interface {
+	Complete(r *Request)
+}
+
+// Request is one store operation. The caller owns it and must not touch it
+// between Submit and Complete.
+type Request struct {
+	Op     Op
+	Offset int64
+	Bufs   [][]byte // OpRead, OpWrite
+	Length int64    // OpDiscard, OpWriteZeroes
+	Unmap  bool     // OpWriteZeroes: the range may be deallocated
+	Done   Completer
+
+	// Err is set by the lane before Done.Complete is called.
+	Err error
+}
+
+// Engine runs requests from every queue of one export on N parallel lanes
+// and orders flushes with a Barrier.
+type Engine struct {
+	store        Store
+	barrier      *Barrier
+	lanes        []chan *Request
+	next         atomic.Uint32
+	writeThrough atomic.Bool
+	wg           sync.WaitGroup
+	closeOnce    sync.Once
+	Stats        Stats
+}
+
+// laneDepth is how many requests may wait on one lane before Submit blocks.
+const laneDepth = 256
+
+// NewEngine starts lanes workers (at least one) over store.
+func NewEngine(store Store, lanes int) *Engine {
+	lanes = max(lanes, 1)
+	e := &Engine{store: store, lanes: make([]chan *Request, lanes)}
+	e.barrier = NewBarrier(e.syncStore)
+	for i := range e.lanes {
+		ch := make(chan *Request, laneDepth)
+		e.lanes[i] = ch
+		e.wg.Add(1)
+		go e.lane(ch)
+	}
+	return e
+}
+
+// Store returns the engine's store.
+func (e *Engine) Store() Store { return e.store }
+
+// Barrier returns the engine's flush barrier.
+func (e *Engine) Barrier() *Barrier { return e.barrier }
+
+// Lanes is the number of lanes.
+func (e *Engine) Lanes() int { return len(e.lanes) }
+
+// SetWriteThrough switches write-through mode: every write is durable before
+// it completes (the guest cleared the virtio-blk writeback flag).
+func (e *Engine) SetWriteThrough(on bool) { e.writeThrough.Store(on) }
+
+// WriteThrough reports whether write-through mode is on.
+func (e *Engine) WriteThrough() bool { return e.writeThrough.Load() }
+
+// Submit admits r through the barrier (waiting while a flush runs) and hands
+// it to a lane. r.Done.Complete is called from the lane when it is finished.
+// Submit must not be called after Close.
+func (e *Engine) Submit(r *Request) {
+	e.barrier.Enter()
+	i := e.next.Add(1) % uint32(len(e.lanes))
+	e.lanes[i] <- r
+}
+
+// Flush is the drain-then-sync barrier (see Barrier), for a guest FLUSH.
+func (e *Engine) Flush() error {
+	e.Stats.Flushes.Add(1)
+	err := e.barrier.Flush()
+	if err != nil {
+		e.Stats.FlushErrors.Add(1)
+	}
+	return err
+}
+
+func (e *Engine) syncStore() error {
+	if err := e.store.Sync(); err != nil {
+		return fmt.Errorf("sync store: %w", err)
+	}
+	return nil
+}
+
+// Close drains and syncs (a final flush), then stops the lanes. Every
+// submitter must have stopped before Close is called. It returns the final
+// flush's error.
+func (e *Engine) Close() error {
+	var err error
+	e.closeOnce.Do(func() {
+		err = e.barrier.Flush() // not a guest flush: not counted
+		for _, ch := range e.lanes {
+			close(ch)
+		}
+		e.wg.Wait()
+	})
+	return err
+}
+
+func (e *Engine) lane(ch chan *Request) {
+	defer e.wg.Done()
+	for r := range ch {
+		r.Err = e.execute(r)
+		if r.Err != nil {
+			e.Stats.Errors.Add(1)
+		}
+		done := r.Done
+		e.barrier.Exit()
+		done.Complete(r)
+	}
+}
+
+func (e *Engine) execute(r *Request) error {
+	switch r.Op {
+	case OpRead:
+		e.Stats.Reads.Add(1)
+		err := e.store.ReadAt(r.Bufs, r.Offset)
+		if err == nil {
+			e.Stats.BytesRead.Add(uint64(totalLen(r.Bufs)))
+		}
+		return err
+	case OpWrite:
+		e.Stats.Writes.Add(1)
+		var err error
+		if e.writeThrough.Load() {
+			err = e.durably(func() error {
+				if dw, ok := e.store.(DurableWriter); ok {
+					return dw.WriteAtDurable(r.Bufs, r.Offset)
+				}
+				if err := e.store.WriteAt(r.Bufs, r.Offset); err != nil {
+					return err
+				}
+				return e.store.Sync()
+			})
+		} else {
+			err = e.store.WriteAt(r.Bufs, r.Offset)
+		}
+		if err == nil {
+			e.Stats.BytesWritten.Add(uint64(totalLen(r.Bufs)))
+		}
+		return err
+	case OpDiscard:
+		e.Stats.Discards.Add(1)
+		return e.maybeDurably(func() error {
+			if d, ok := e.store.(Discarder); ok {
+				return d.Discard(r.Offset, r.Length)
+			}
+			return nil // discard is a hint: doing nothing is correct
+		})
+	case OpWriteZeroes:
+		e.Stats.WriteZeroes.Add(1)
+		return e.maybeDurably(func() error {
+			if z, ok := e.store.(ZeroWriter); ok {
+				return z.WriteZeroes(r.Offset, r.Length, r.Unmap)
+			}
+			return writeZeroes(e.store, r.Offset, r.Length)
+		})
+	}
+	return fmt.Errorf("%w: %v", ErrNotSupported, r.Op)
+}
+
+// maybeDurably runs op, followed by a sync in write-through mode.
+func (e *Engine) maybeDurably(op func() error) error {
+	if !e.writeThrough.Load() {
+		return op()
+	}
+	return e.durably(func() error {
+		if err := op(); err != nil {
+			return err
+		}
+		return e.store.Sync()
+	})
+}
+
+// durably runs an operation that includes a data sync; a failure other than a
+// rejected request is latched in the barrier, as a failed fsync must be.
+func (e *Engine) durably(op func() error) error {
+	err := op()
+	if err != nil && !errors.Is(err, ErrOutOfRange) && !errors.Is(err, ErrReadOnly) {
+		e.barrier.Latch(err)
+	}
+	return err
+}
+
+func writeZeroes(s Store, off, n int64) error {
+	for n > 0 {
+		c := min(n, int64(len(zeroChunk)))
+		if err := s.WriteAt([][]byte{zeroChunk[:c]}, off); err != nil {
+			return err
+		}
+		off += c
+		n -= c
+	}
+	return nil
+}

@@ -1,0 +1,300 @@
+package backend
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxIOV is the kernel's IOV_MAX: preadv/pwritev take at most this many
+// buffers per call.
+const maxIOV = 1024
+
+// FileOptions say how OpenFile opens the backing file.
+type FileOptions struct {
+	// ReadOnly opens the file O_RDONLY; writes fail with ErrReadOnly.
+	ReadOnly bool
+	// CreateSize, when positive, creates a sparse file of that size if the
+	// path does not exist. An existing file keeps its size unless Resize.
+	CreateSize int64
+	// Resize sets an existing regular file to CreateSize.
+	Resize bool
+}
+
+// FileStore is a Store on a regular file or a raw block device, using
+// preadv/pwritev straight into the caller's buffers.
+type FileStore struct {
+	f        *os.File
+	fd       int
+	size     int64
+	readOnly bool
+	block    bool
+	blkSize  int // physical block size hint (file system block or device physical sector)
+}
+
+var (
+	_ Store         = (*FileStore)(nil)
+	_ Discarder     = (*FileStore)(nil)
+	_ ZeroWriter    = (*FileStore)(nil)
+	_ DurableWriter = (*FileStore)(nil)
+)
+
+// OpenFile opens (and with CreateSize, creates) the backing file or block
+// device at path.
+func OpenFile(path string, opt FileOptions) (*FileStore, error) {
+	flags := os.O_RDWR
+	if opt.ReadOnly {
+		flags = os.O_RDONLY
+	}
+	st, statErr := os.Stat(path)
+	switch {
+	case statErr == nil:
+	case errors.Is(statErr, os.ErrNotExist) && opt.CreateSize > 0 && !opt.ReadOnly:
+		flags |= os.O_CREATE | os.O_EXCL
+	case errors.Is(statErr, os.ErrNotExist) && opt.CreateSize > 0:
+		return nil, fmt.Errorf("open %s: %w (a read-only export cannot create it)", path, os.ErrNotExist)
+	default:
+		return nil, fmt.Errorf("open %s: %w", path, statErr)
+	}
+	if statErr == nil && !st.Mode().IsRegular() && st.Mode()&os.ModeDevice == 0 {
+		return nil, fmt.Errorf("open %s: not a regular file or block device", path)
+	}
+	f, err := os.OpenFile(path, flags, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	s := &FileStore{f: f, fd: int(f.Fd()), readOnly: opt.ReadOnly}
+	if err := s.init(path, opt, flags&os.O_CREATE != 0); err != nil {
+		f.Close()
+		if flags&os.O_CREATE != 0 {
+			os.Remove(path)
+		}
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *FileStore) init(path string, opt FileOptions, created bool) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(s.fd, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", path, err)
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFBLK:
+		s.block = true
+		end, err := s.f.Seek(0, io.SeekEnd)
+		if err != nil {
+			return fmt.Errorf("size of block device %s: %w", path, err)
+		}
+		s.size = end
+		if pbs, err := unix.IoctlGetInt(s.fd, unix.BLKPBSZGET); err == nil {
+			s.blkSize = pbs
+		}
+	case unix.S_IFREG:
+		s.size = st.Size
+		s.blkSize = int(st.Blksize)
+		if created || (opt.Resize && opt.CreateSize > 0 && opt.CreateSize != st.Size) {
+			if err := s.f.Truncate(opt.CreateSize); err != nil {
+				return fmt.Errorf("set size of %s: %w", path, err)
+			}
+			s.size = opt.CreateSize
+		}
+	default:
+		return fmt.Errorf("open %s: not a regular file or block device", path)
+	}
+	return nil
+}
+
+// Size implements Store.
+func (s *FileStore) Size() int64 { return s.size }
+
+// IsBlockDevice reports whether the store is a raw block device.
+func (s *FileStore) IsBlockDevice() bool { return s.block }
+
+// PhysicalBlockSize is the store's natural I/O unit (the device's physical
+// sector, or the file system block of a regular file); 0 if unknown.
+func (s *FileStore) PhysicalBlockSize() int { return s.blkSize }
+
+// ReadOnly reports whether the store was opened read-only.
+func (s *FileStore) ReadOnly() bool { return s.readOnly }
+
+func (s *FileStore) check(off, n int64) error {
+	if off < 0 || n < 0 || off > s.size || n > s.size-off {
+		return fmt.Errorf("%w: offset %d length %d size %d", ErrOutOfRange, off, n, s.size)
+	}
+	return nil
+}
+
+// ReadAt implements Store.
+func (s *FileStore) ReadAt(bufs [][]byte, off int64) error {
+	if err := s.check(off, totalLen(bufs)); err != nil {
+		return err
+	}
+	return vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
+		return unix.Preadv(s.fd, iov, off)
+	})
+}
+
+// WriteAt implements Store.
+func (s *FileStore) WriteAt(bufs [][]byte, off int64) error {
+	if s.readOnly {
+		return ErrReadOnly
+	}
+	if err := s.check(off, totalLen(bufs)); err != nil {
+		return err
+	}
+	return vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
+		return unix.Pwritev(s.fd, iov, off)
+	})
+}
+
+// WriteAtDurable implements DurableWriter with pwritev2(RWF_DSYNC).
+func (s *FileStore) WriteAtDurable(bufs [][]byte, off int64) error {
+	if s.readOnly {
+		return ErrReadOnly
+	}
+	if err := s.check(off, totalLen(bufs)); err != nil {
+		return err
+	}
+	return vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
+		return unix.Pwritev2(s.fd, iov, off, unix.RWF_DSYNC)
+	})
+}
+
+// Sync implements Store with fdatasync.
+func (s *FileStore) Sync() error {
+	for {
+		err := unix.Fdatasync(s.fd)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("fdatasync: %w", err)
+		}
+		return nil
+	}
+}
+
+// Discard implements Discarder by punching a hole (regular files) or by
+// zeroing with unmap (block devices); either way the range reads as zeros.
+func (s *FileStore) Discard(off, n int64) error {
+	return s.WriteZeroes(off, n, true)
+}
+
+// WriteZeroes implements ZeroWriter with fallocate: PUNCH_HOLE when unmap is
+// allowed, ZERO_RANGE otherwise, falling back to writing zeros where the
+// file system or device supports neither.
+func (s *FileStore) WriteZeroes(off, n int64, unmap bool) error {
+	if s.readOnly {
+		return ErrReadOnly
+	}
+	if err := s.check(off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	modes := []uint32{unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE}
+	if unmap {
+		modes = []uint32{unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE, modes[0]}
+	}
+	for _, mode := range modes {
+		err := fallocate(s.fd, mode, off, n)
+		if err == nil {
+			return nil
+		}
+		if err != unix.EOPNOTSUPP && err != unix.ENOTSUP && err != unix.EINVAL && err != unix.ENODEV {
+			return fmt.Errorf("fallocate mode %#x offset %d length %d: %w", mode, off, n, err)
+		}
+	}
+	return writeZeroes(s, off, n)
+}
+
+func fallocate(fd int, mode uint32, off, n int64) error {
+	for {
+		err := unix.Fallocate(fd, mode, off, n)
+		if err != unix.EINTR {
+			return err
+		}
+	}
+}
+
+// zeroChunk is the source of zeros where a range cannot be zeroed in place.
+var zeroChunk = make([]byte, 1<<20)
+
+// Close implements Store.
+func (s *FileStore) Close() error { return s.f.Close() }
+
+func totalLen(bufs [][]byte) int64 {
+	var n int64
+	for _, b := range bufs {
+		n += int64(len(b))
+	}
+	return n
+}
+
+// vectored runs a preadv/pwritev-like call until every byte of bufs is
+// transferred: it splits batches at IOV_MAX, retries EINTR, and resumes
+// after a partial transfer. A transfer of zero bytes is ErrShortIO (end of
+// file: the file shrank underneath us).
+func vectored(bufs [][]byte, off int64, op func(iov [][]byte, off int64) (int, error)) error {
+	want := totalLen(bufs)
+	if want == 0 {
+		return nil
+	}
+	// Fast path: one call does it all, no allocation.
+	if len(bufs) <= maxIOV {
+		n, err := op(bufs, off)
+		if err == nil && int64(n) == want {
+			return nil
+		}
+		if err != nil && err != unix.EINTR {
+			return fmt.Errorf("at offset %d: %w", off, err)
+		}
+		if n < 0 {
+			n = 0
+		}
+		bufs = advance(append([][]byte(nil), bufs...), n)
+		off += int64(n)
+		want -= int64(n)
+	} else {
+		bufs = append([][]byte(nil), bufs...)
+	}
+	for want > 0 {
+		batch := bufs[:min(len(bufs), maxIOV)]
+		n, err := op(batch, off)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("at offset %d: %w", off, err)
+		}
+		if n == 0 {
+			return fmt.Errorf("at offset %d, %d bytes left: %w", off, want, ErrShortIO)
+		}
+		bufs = advance(bufs, n)
+		off += int64(n)
+		want -= int64(n)
+	}
+	return nil
+}
+
+// advance drops the first n bytes of bufs (which it may modify).
+func advance(bufs [][]byte, n int) [][]byte {
+	for n > 0 && len(bufs) > 0 {
+		if n >= len(bufs[0]) {
+			n -= len(bufs[0])
+			bufs = bufs[1:]
+			continue
+		}
+		bufs[0] = bufs[0][n:]
+		n = 0
+	}
+	for len(bufs) > 0 && len(bufs[0]) == 0 {
+		bufs = bufs[1:]
+	}
+	return bufs
+}

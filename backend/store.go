@@ -1,0 +1,53 @@
+package backend
+
+// Store is the backing storage of one export.
+//
+// Durability contract:
+//   - A WriteAt that returned nil is visible to every later ReadAt, but it is
+//     durable (survives a host crash) only once a Sync that was called after
+//     the WriteAt returned has itself returned nil.
+//   - ReadAt, WriteAt and the optional operations may run concurrently from
+//     several lanes, also on overlapping ranges; the result of overlapping
+//     concurrent writes is unspecified, as it is for a disk.
+//   - Sync may run concurrently with reads. The Barrier never runs it
+//     concurrently with a write that the sync must cover.
+//   - After Sync returned an error the store may have lost writeback: a later
+//     Sync returning nil proves nothing about writes made before the failure.
+//     The Barrier latches the first failure (ErrSyncFailed).
+//
+// Buffers are vectored ([][]byte) so that guest memory is read and written in
+// place, without copying.
+type Store interface {
+	// ReadAt fills every buffer in bufs, in order, from off. It returns an
+	// error unless all bytes were read.
+	ReadAt(bufs [][]byte, off int64) error
+	// WriteAt writes every buffer in bufs, in order, at off. It returns an
+	// error unless all bytes were written.
+	WriteAt(bufs [][]byte, off int64) error
+	// Sync makes every write that returned before the call durable
+	// (fdatasync for files and block devices).
+	Sync() error
+	// Size is the size of the store in bytes.
+	Size() int64
+	// Close releases the store. It does not sync.
+	Close() error
+}
+
+// Discarder is implemented by stores that can drop a range (punch a hole).
+// After Discard the range reads as zeros.
+type Discarder interface {
+	Discard(off, n int64) error
+}
+
+// ZeroWriter is implemented by stores that can zero a range without being
+// sent zeros. With unmap the store may deallocate the range.
+type ZeroWriter interface {
+	WriteZeroes(off, n int64, unmap bool) error
+}
+
+// DurableWriter is implemented by stores that can write a range and make just
+// that range durable in one operation (pwritev2 with RWF_DSYNC). It serves
+// write-through mode; stores without it get WriteAt followed by Sync.
+type DurableWriter interface {
+	WriteAtDurable(bufs [][]byte, off int64) error
+}

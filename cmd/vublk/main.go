@@ -1,0 +1,274 @@
+// Command vublk is a vhost-user-blk back-end: it serves a file or block
+// device as a virtio-blk disk to QEMU over a unix socket.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vublk/vublk/backend"
+	"github.com/vublk/vublk/vhostuser"
+	"github.com/vublk/vublk/virtio"
+)
+
+// exitUsage is the exit code for bad flags and unusable arguments.
+const exitUsage = 2
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+const usage = `vublk: a vhost-user-blk back-end serving a file or block device to QEMU.
+
+Usage:
+  vublk serve --socket-path PATH --blk-file PATH [options]
+  vublk serve --fd N --blk-file PATH [options]
+  vublk --print-capabilities
+  vublk help
+
+Run "vublk serve -h" for the options.
+`
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitUsage
+	}
+	switch args[0] {
+	case "serve":
+		return serve(args[1:], stdout, stderr)
+	case "help", "-h", "--help", "-help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	// The vhost-user back-end program conventions put the options at the top
+	// level (vublk --print-capabilities, vublk --fd N --blk-file F).
+	if len(args[0]) > 0 && args[0][0] == '-' {
+		return serve(args, stdout, stderr)
+	}
+	fmt.Fprintf(stderr, "vublk: unknown command %q\n%s", args[0], usage)
+	return exitUsage
+}
+
+// capabilities is the --print-capabilities answer (vhost-user.rst, "Back-end
+// program conventions", block device type).
+var capabilities = struct {
+	Type     string   `json:"type"`
+	Features []string `json:"features"`
+}{"block", []string{"read-only", "blk-file"}}
+
+type serveOptions struct {
+	socketPath string
+	fd         int
+	blkFile    string
+	readOnly   bool
+	numQueues  int
+	lanes      int
+	serial     string
+	size       string
+	resize     bool
+	writeCache string
+	blockSize  int
+	noDiscard  bool
+	name       string
+	logLevel   string
+	logFormat  string
+	printCaps  bool
+}
+
+func serve(args []string, stdout, stderr io.Writer) int {
+	var o serveOptions
+	fs := flag.NewFlagSet("vublk serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.socketPath, "socket-path", "", "unix socket to listen on for the vhost-user front-end (QEMU)")
+	fs.IntVar(&o.fd, "fd", -1, "inherited listening unix socket descriptor, instead of --socket-path")
+	fs.StringVar(&o.blkFile, "blk-file", "", "file or block device to export")
+	fs.BoolVar(&o.readOnly, "read-only", false, "export read-only (the guest sees a read-only disk)")
+	fs.IntVar(&o.numQueues, "num-queues", 16, "most virtqueues a front-end may use (QEMU's num-queues must not exceed it)")
+	fs.IntVar(&o.lanes, "lanes", runtime.NumCPU(), "parallel I/O lanes (file workers)")
+	fs.StringVar(&o.serial, "serial", "", "disk serial returned to the guest (at most 20 bytes; default: the file's base name)")
+	fs.StringVar(&o.size, "size", "", "create a sparse file of this size if --blk-file does not exist (bytes, or with K/M/G/T)")
+	fs.BoolVar(&o.resize, "resize", false, "with --size: also resize an existing regular file")
+	fs.StringVar(&o.writeCache, "write-cache", "writeback", "cache mode the guest sees: writeback (it sends flushes) or writethrough")
+	fs.IntVar(&o.blockSize, "logical-block-size", 512, "logical block size the guest sees: 512 or 4096")
+	fs.BoolVar(&o.noDiscard, "no-discard", false, "do not offer DISCARD and WRITE_ZEROES")
+	fs.StringVar(&o.name, "name", "", "export name for logs (default: the file's base name)")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.BoolVar(&o.printCaps, "print-capabilities", false, "print the back-end capabilities as JSON and exit")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return exitUsage
+	}
+	if o.printCaps {
+		b, _ := json.Marshal(capabilities)
+		fmt.Fprintln(stdout, string(b))
+		return 0
+	}
+	fail := func(format string, a ...any) int {
+		fmt.Fprintf(stderr, "vublk: "+format+"\n", a...)
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		return fail("unexpected argument %q", fs.Arg(0))
+	}
+	log, err := newLogger(o.logLevel, o.logFormat, stderr)
+	if err != nil {
+		return fail("%v", err)
+	}
+	switch {
+	case o.blkFile == "":
+		return fail("--blk-file is required")
+	case (o.socketPath == "") == (o.fd < 0):
+		return fail("exactly one of --socket-path and --fd is required")
+	case o.numQueues < 1 || o.numQueues > 64:
+		return fail("--num-queues must be between 1 and 64, not %d", o.numQueues)
+	case o.lanes < 1 || o.lanes > 1024:
+		return fail("--lanes must be between 1 and 1024, not %d", o.lanes)
+	case o.writeCache != "writeback" && o.writeCache != "writethrough":
+		return fail("--write-cache must be writeback or writethrough, not %q", o.writeCache)
+	case o.blockSize != 512 && o.blockSize != 4096:
+		return fail("--logical-block-size must be 512 or 4096, not %d", o.blockSize)
+	case len(o.serial) > virtio.BlkIDBytes:
+		return fail("--serial %q is longer than %d bytes", o.serial, virtio.BlkIDBytes)
+	}
+	var size int64
+	if o.size != "" {
+		if size, err = parseSize(o.size); err != nil {
+			return fail("--size: %v", err)
+		}
+		if size == 0 || size%int64(o.blockSize) != 0 {
+			return fail("--size %s is not a positive multiple of %d bytes", o.size, o.blockSize)
+		}
+	}
+	if o.socketPath != "" {
+		if fi, err := os.Lstat(o.socketPath); err == nil && fi.Mode()&os.ModeSocket == 0 {
+			return fail("--socket-path %s exists and is not a socket", o.socketPath)
+		}
+	}
+	if _, err := os.Stat(o.blkFile); err != nil && (size == 0 || !errors.Is(err, os.ErrNotExist)) {
+		if errors.Is(err, os.ErrNotExist) {
+			return fail("--blk-file %s does not exist (give --size to create it)", o.blkFile)
+		}
+		return fail("--blk-file %s: %v", o.blkFile, err)
+	}
+	if o.name == "" {
+		o.name = filepath.Base(o.blkFile)
+	}
+	if o.serial == "" {
+		o.serial = o.name
+		if len(o.serial) > virtio.BlkIDBytes {
+			o.serial = o.serial[:virtio.BlkIDBytes]
+		}
+	}
+	return runExport(o, size, log)
+}
+
+func newLogger(level, format string, w io.Writer) (*logrus.Logger, error) {
+	log := logrus.New()
+	log.SetOutput(w)
+	lvl, err := logrus.ParseLevel(level)
+	if err != nil {
+		return nil, fmt.Errorf("--log-level: %v", err)
+	}
+	log.SetLevel(lvl)
+	switch format {
+	case "text":
+		log.SetFormatter(&logrus.TextFormatter{FullTimestamp: true, DisableColors: true})
+	case "json":
+		log.SetFormatter(&logrus.JSONFormatter{})
+	default:
+		return nil, fmt.Errorf("--log-format must be text or json, not %q", format)
+	}
+	return log, nil
+}
+
+func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
+	log := logger.WithField("export", o.name)
+	store, err := backend.OpenFile(o.blkFile, backend.FileOptions{ReadOnly: o.readOnly, CreateSize: size, Resize: o.resize})
+	if err != nil {
+		log.WithError(err).Error("cannot open the backing file")
+		return exitUsage
+	}
+	if size > 0 && store.Size() != size {
+		log.WithFields(logrus.Fields{"file_size": store.Size(), "size": size}).
+			Warn("--size differs from the existing file's size; keeping the file's size (use --resize to change it)")
+	}
+	capacity := store.Size() / int64(o.blockSize) * int64(o.blockSize)
+	engine := backend.NewEngine(store, o.lanes)
+	cfg := virtio.BlkConfig{
+		Capacity:          uint64(capacity),
+		BlockSize:         uint32(o.blockSize),
+		PhysicalBlockSize: uint32(store.PhysicalBlockSize()),
+		NumQueues:         uint16(o.numQueues),
+		ReadOnly:          o.readOnly,
+		Serial:            o.serial,
+		Writeback:         o.writeCache == "writeback",
+		Discard:           !o.noDiscard && !o.readOnly,
+	}
+	dev := virtio.NewBlkDevice(engine, cfg, log)
+
+	var ln *net.UnixListener
+	if o.fd >= 0 {
+		ln, err = vhostuser.ListenFD(o.fd)
+	} else {
+		ln, err = vhostuser.Listen(o.socketPath)
+	}
+	if err != nil {
+		log.WithError(err).Error("cannot listen")
+		engine.Close()
+		store.Close()
+		return exitUsage
+	}
+	srv := vhostuser.NewServer(dev, o.numQueues, log)
+	log.WithFields(logrus.Fields{
+		"socket": ln.Addr().String(), "file": o.blkFile, "size": capacity, "read_only": o.readOnly,
+		"lanes": o.lanes, "num_queues": o.numQueues, "write_cache": o.writeCache, "serial": o.serial,
+	}).Info("export ready")
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+
+	code := 0
+	select {
+	case sig := <-sigs:
+		log.WithField("signal", sig.String()).Info("stopping: draining requests and syncing")
+	case err := <-serveErr:
+		if err != nil {
+			log.WithError(err).Error("server failed")
+			code = 1
+		}
+	}
+	signal.Stop(sigs)
+	srv.Close()
+	if err := engine.Close(); err != nil {
+		log.WithError(err).Error("final flush failed: data may not be durable")
+		code = 1
+	}
+	if err := store.Close(); err != nil && code == 0 {
+		log.WithError(err).Error("closing the backing file")
+		code = 1
+	}
+	st := engine.Stats.Snapshot()
+	log.WithFields(logrus.Fields{
+		"reads": st.Reads, "writes": st.Writes, "flushes": st.Flushes, "discards": st.Discards,
+		"write_zeroes": st.WriteZeroes, "bytes_read": st.BytesRead, "bytes_written": st.BytesWritten,
+		"errors": st.Errors, "flush_errors": st.FlushErrors,
+	}).Info("export stopped")
+	return code
+}

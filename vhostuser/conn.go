@@ -1,0 +1,560 @@
+package vhostuser
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/vublk/vublk/virtio"
+)
+
+// Device is what a vhost-user back-end serves: a virtio device's features,
+// config space and queue processing.
+type Device interface {
+	// Features are the virtio feature bits the device offers.
+	Features() uint64
+	// SetFeatures records the features the driver acknowledged.
+	SetFeatures(f uint64)
+	// ReadConfig returns n bytes of config space at off.
+	ReadConfig(off, n uint32) []byte
+	// WriteConfig writes the config space at off.
+	WriteConfig(off uint32, data []byte) error
+	// ProcessQueue pops and starts every available request of q. An error
+	// means the ring is broken and must not be processed again.
+	ProcessQueue(q *virtio.Queue) error
+}
+
+// conn is the back-end side of one front-end connection. Messages are handled
+// one at a time on the connection's goroutine; each started ring has a
+// goroutine of its own.
+type conn struct {
+	sock      *net.UnixConn
+	dev       Device
+	log       *logrus.Entry
+	numQueues int
+
+	features uint64 // acknowledged virtio + vhost-user feature bits
+	protocol uint64 // acknowledged protocol features
+	regions  []*mappedRegion
+	mem      *virtio.GuestMemory
+	rings    []*vring
+}
+
+func newConn(sock *net.UnixConn, dev Device, numQueues int, log *logrus.Entry) *conn {
+	c := &conn{sock: sock, dev: dev, log: log, numQueues: numQueues, rings: make([]*vring, numQueues)}
+	for i := range c.rings {
+		c.rings[i] = newVring(i)
+	}
+	return c
+}
+
+// serve handles messages until the front-end disconnects or breaks the
+// protocol, then releases everything the connection holds.
+func (c *conn) serve() {
+	defer c.cleanup()
+	for {
+		m, err := ReadMessage(c.sock)
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, unix.ECONNRESET) {
+				c.log.Info("front-end disconnected")
+			} else {
+				c.log.WithError(err).Error("reading vhost-user message; closing the connection")
+			}
+			return
+		}
+		if err := c.handle(m); err != nil {
+			c.log.WithError(err).WithField("request", m.Request.String()).Error("closing the connection")
+			return
+		}
+	}
+}
+
+// handle runs one message: check descriptors, decode, dispatch, reply. It
+// returns an error only when the connection must be closed.
+func (c *conn) handle(m *Message) error {
+	defer m.Close()
+	log := c.log.WithField("request", m.Request.String())
+	log.Debug("message")
+	reply, own, err := c.dispatch(m)
+	if errors.Is(err, ErrProtocol) {
+		if m.NeedReply() && !own {
+			c.send(m.Request, u64Payload(1))
+		}
+		return err
+	}
+	if err != nil {
+		log.WithError(err).Warn("request failed")
+	}
+	if own {
+		if err != nil {
+			return err // a request with its own reply has no way to report failure
+		}
+		return c.send(m.Request, reply)
+	}
+	if m.NeedReply() && c.protocol&(1<<ProtocolFReplyAck) != 0 {
+		status := uint64(0)
+		if err != nil {
+			status = 1
+		}
+		return c.send(m.Request, u64Payload(status))
+	}
+	return nil
+}
+
+func (c *conn) send(req Request, payload []byte) error {
+	if _, err := c.sock.Write(encodeReply(req, payload)); err != nil {
+		return fmt.Errorf("writing %v reply: %w", req, err)
+	}
+	return nil
+}
+
+// noFds checks that a message that carries no descriptors came without any.
+func noFds(m *Message) error { return m.wantFds(0) }
+
+// dispatch handles one message. own is true for requests that have a reply of
+// their own (which then is reply); for the others a REPLY_ACK is sent if
+// asked for.
+func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
+	switch m.Request {
+	case SetMemTable, AddMemReg, RemMemReg, SetVringKick, SetVringCall, SetVringErr:
+		// these check their descriptors themselves
+	default:
+		if err := noFds(m); err != nil {
+			return nil, false, err
+		}
+	}
+	switch m.Request {
+	case GetFeatures, GetProtocolFeatures, GetQueueNum, GetMaxMemSlots:
+		if err := m.wantSize(0); err != nil {
+			return nil, true, err
+		}
+		var v uint64
+		switch m.Request {
+		case GetFeatures:
+			v = c.dev.Features() | 1<<FProtocolFeatures
+		case GetProtocolFeatures:
+			v = offeredProtocolFeatures
+		case GetQueueNum:
+			v = uint64(c.numQueues)
+		case GetMaxMemSlots:
+			v = maxMemSlots
+		}
+		return u64Payload(v), true, nil
+	case SetFeatures:
+		return nil, false, c.setFeatures(m)
+	case SetProtocolFeatures:
+		v, err := m.U64()
+		if err != nil {
+			return nil, false, err
+		}
+		if v&^offeredProtocolFeatures != 0 {
+			return nil, false, fmt.Errorf("%w: protocol features %#x were not offered", ErrProtocol, v)
+		}
+		c.protocol = v
+		return nil, false, nil
+	case SetOwner:
+		return nil, false, m.wantSize(0)
+	case ResetOwner, ResetDevice:
+		if len(m.Payload) != 0 && len(m.Payload) != 8 { // some front-ends send a zero u64
+			return nil, false, m.wantSize(0)
+		}
+		c.reset()
+		return nil, false, nil
+	case SetMemTable:
+		return nil, false, c.setMemTable(m)
+	case AddMemReg:
+		return nil, false, c.addMemReg(m)
+	case RemMemReg:
+		return nil, false, c.remMemReg(m)
+	case SetVringNum, SetVringBase, SetVringEnable:
+		return nil, false, c.setVringState(m)
+	case SetVringAddr:
+		return nil, false, c.setVringAddr(m)
+	case GetVringBase:
+		st, err := m.VringState()
+		if err != nil {
+			return nil, true, err
+		}
+		v, err := c.ring(st.Index)
+		if err != nil {
+			return nil, true, err
+		}
+		c.stopRing(v)
+		v.closeKick()
+		v.enabled.Store(false)
+		c.log.WithFields(logrus.Fields{"queue": v.index, "base": v.base}).Debug("ring stopped")
+		p := make([]byte, 8)
+		putVringState(p, st.Index, uint32(v.base))
+		return p, true, nil
+	case SetVringKick, SetVringCall, SetVringErr:
+		return nil, false, c.setVringFile(m)
+	case GetConfig:
+		cfg, err := m.Config()
+		if err != nil {
+			return nil, true, err
+		}
+		data := c.dev.ReadConfig(cfg.Offset, cfg.Size)
+		p := slices.Clone(m.Payload[:12])
+		return append(p, data...), true, nil
+	case SetConfig:
+		cfg, err := m.Config()
+		if err != nil {
+			return nil, false, err
+		}
+		return nil, false, c.dev.WriteConfig(cfg.Offset, cfg.Data)
+	}
+	return nil, false, fmt.Errorf("%w: unsupported request %v", ErrProtocol, m.Request)
+}
+
+func putVringState(p []byte, index, num uint32) {
+	p[0], p[1], p[2], p[3] = byte(index), byte(index>>8), byte(index>>16), byte(index>>24)
+	p[4], p[5], p[6], p[7] = byte(num), byte(num>>8), byte(num>>16), byte(num>>24)
+}
+
+func (c *conn) ring(index uint32) (*vring, error) {
+	if index >= uint32(len(c.rings)) {
+		return nil, fmt.Errorf("%w: queue index %d, the device has %d", ErrProtocol, index, len(c.rings))
+	}
+	return c.rings[index], nil
+}
+
+func (c *conn) setFeatures(m *Message) error {
+	v, err := m.U64()
+	if err != nil {
+		return err
+	}
+	offered := c.dev.Features() | 1<<FProtocolFeatures
+	if v&^offered != 0 {
+		return fmt.Errorf("%w: features %#x were not offered", ErrProtocol, v&^offered)
+	}
+	c.features = v
+	c.dev.SetFeatures(v &^ (1 << FProtocolFeatures))
+	c.log.WithField("features", fmt.Sprintf("%#x", v)).Debug("features acknowledged")
+	return nil
+}
+
+func (c *conn) eventIdx() bool { return c.features&(1<<virtio.FRingEventIdx) != 0 }
+
+func (c *conn) setVringState(m *Message) error {
+	st, err := m.VringState()
+	if err != nil {
+		return err
+	}
+	v, err := c.ring(st.Index)
+	if err != nil {
+		return err
+	}
+	switch m.Request {
+	case SetVringNum:
+		if st.Num == 0 || st.Num > virtio.MaxQueueSize || st.Num&(st.Num-1) != 0 {
+			return fmt.Errorf("%w: queue size %d", ErrProtocol, st.Num)
+		}
+		if v.started() {
+			return fmt.Errorf("queue %d: SET_VRING_NUM while the ring runs", v.index)
+		}
+		v.num = int(st.Num)
+	case SetVringBase:
+		if st.Num > 0xffff {
+			return fmt.Errorf("%w: vring base %#x (packed rings are not offered)", ErrProtocol, st.Num)
+		}
+		if v.started() {
+			return fmt.Errorf("queue %d: SET_VRING_BASE while the ring runs", v.index)
+		}
+		v.base = uint16(st.Num)
+	case SetVringEnable:
+		if st.Num > 1 {
+			return fmt.Errorf("%w: SET_VRING_ENABLE %d", ErrProtocol, st.Num)
+		}
+		v.enabled.Store(st.Num == 1)
+		v.poke()
+	}
+	return nil
+}
+
+func (c *conn) setVringAddr(m *Message) error {
+	a, err := m.VringAddr()
+	if err != nil {
+		return err
+	}
+	v, err := c.ring(a.Index)
+	if err != nil {
+		return err
+	}
+	running := v.started()
+	c.stopRing(v)
+	v.addr, v.addrSet = a, true
+	if running {
+		return c.startRing(v)
+	}
+	return nil
+}
+
+func (c *conn) setVringFile(m *Message) error {
+	index, hasFd, err := m.VringFile()
+	if err != nil {
+		return err
+	}
+	v, err := c.ring(index)
+	if err != nil {
+		return err
+	}
+	fd := -1
+	if hasFd {
+		fd = m.TakeFd(0)
+	}
+	switch m.Request {
+	case SetVringCall:
+		v.call.set(fd, "vring-call")
+	case SetVringErr:
+		v.err.set(fd, "vring-err")
+	case SetVringKick:
+		// The ring starts when it gets a kick descriptor (vhost-user.rst,
+		// "Starting and stopping rings").
+		c.stopRing(v)
+		v.closeKick()
+		v.kick = fd
+		if fd < 0 {
+			return fmt.Errorf("queue %d: polling mode (no kick descriptor) is not supported", v.index)
+		}
+		if c.features&(1<<FProtocolFeatures) == 0 {
+			v.enabled.Store(true) // without protocol features rings start enabled
+		}
+		return c.startRing(v)
+	}
+	return nil
+}
+
+// startRing maps the ring and starts its goroutine.
+func (c *conn) startRing(v *vring) error {
+	switch {
+	case v.kick < 0:
+		return nil // not started yet: it starts with its kick descriptor
+	case c.mem == nil:
+		return fmt.Errorf("queue %d: no memory table", v.index)
+	case v.num == 0 || !v.addrSet:
+		return fmt.Errorf("queue %d: size or addresses not set", v.index)
+	}
+	ring, err := virtio.NewSplitQueue(c.mem, v.num,
+		virtio.RingAddrs{Desc: v.addr.Desc, Avail: v.addr.Avail, Used: v.addr.Used}, c.eventIdx(), v.base)
+	if err != nil {
+		return fmt.Errorf("queue %d: %w", v.index, err)
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		return fmt.Errorf("queue %d: eventfd: %w", v.index, err)
+	}
+	v.q = &virtio.Queue{Index: v.index, Ring: ring, Mem: c.mem, Notify: &v.call}
+	v.wake = wake
+	v.broken.Store(false)
+	v.done = make(chan struct{})
+	c.log.WithFields(logrus.Fields{"queue": v.index, "size": v.num, "base": v.base, "used": ring.UsedIdx()}).Debug("ring started")
+	go c.runRing(v, v.q, v.kick, wake, v.done)
+	return nil
+}
+
+// runRing is the goroutine of a started ring: it waits for kicks and pokes
+// and processes the ring while it is enabled.
+func (c *conn) runRing(v *vring, q *virtio.Queue, kick, wake int, done chan struct{}) {
+	defer close(done)
+	log := c.log.WithField("queue", v.index)
+	fds := []unix.PollFd{{Fd: int32(kick), Events: unix.POLLIN}, {Fd: int32(wake), Events: unix.POLLIN}}
+	var buf [8]byte
+	for {
+		// Process first: buffers may have been made available before the
+		// kick descriptor was set, or while the ring was disabled.
+		if v.enabled.Load() && !v.broken.Load() {
+			if err := c.dev.ProcessQueue(q); err != nil {
+				log.WithError(err).Error("virtqueue is broken; the guest must reset the device")
+				v.broken.Store(true)
+				v.err.Notify()
+			}
+		}
+		for {
+			fds[0].Revents, fds[1].Revents = 0, 0
+			_, err := unix.Poll(fds, -1)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil {
+				log.WithError(err).Error("poll on kick descriptor failed; ring stopped")
+				return
+			}
+			break
+		}
+		if fds[1].Revents != 0 {
+			unix.Read(wake, buf[:])
+			if v.stopping.Load() {
+				return
+			}
+		}
+		if fds[0].Revents&unix.POLLIN != 0 {
+			unix.Read(kick, buf[:])
+		} else if fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
+			log.Error("kick descriptor failed; waiting for the ring to be stopped")
+			fds[0].Fd = -1 // poll ignores it from now on
+		}
+	}
+}
+
+// stopRing stops the ring's goroutine and waits until every request it
+// popped has completed, so that v.base is the next index to pop and the used
+// ring is up to date (GET_VRING_BASE).
+func (c *conn) stopRing(v *vring) {
+	if !v.started() {
+		return
+	}
+	v.stopping.Store(true)
+	v.poke()
+	<-v.done
+	v.q.Drain()
+	v.base = v.q.Ring.LastAvail()
+	unix.Close(v.wake)
+	v.wake, v.q, v.done = -1, nil, nil
+	v.stopping.Store(false)
+}
+
+// stopAll stops every started ring and returns them, for restarting.
+func (c *conn) stopAll() []*vring {
+	var stopped []*vring
+	for _, v := range c.rings {
+		if v.started() {
+			c.stopRing(v)
+			stopped = append(stopped, v)
+		}
+	}
+	return stopped
+}
+
+// replaceMemory swaps the memory table: the rings are stopped and drained
+// first, so no lane is using the old mappings when they are unmapped. On error
+// the new regions were not installed and the caller still owns them.
+func (c *conn) replaceMemory(regions []*mappedRegion) error {
+	mem, err := buildMemory(regions)
+	if err != nil {
+		return err
+	}
+	c.installMemory(regions, mem)
+	return nil
+}
+
+// installMemory swaps in a checked memory table and restarts the rings that
+// ran; a ring that cannot be restarted on the new table stays stopped.
+func (c *conn) installMemory(regions []*mappedRegion, mem *virtio.GuestMemory) {
+	stopped := c.stopAll()
+	old := c.regions
+	c.regions, c.mem = regions, mem
+	for _, v := range stopped {
+		if err := c.startRing(v); err != nil {
+			c.log.WithError(err).WithField("queue", v.index).Error("ring not restarted after the memory table changed")
+		}
+	}
+	for _, r := range old {
+		if !slices.Contains(regions, r) {
+			r.unmap()
+		}
+	}
+}
+
+func (c *conn) setMemTable(m *Message) error {
+	table, err := m.MemTable()
+	if err != nil {
+		return err
+	}
+	regions := make([]*mappedRegion, 0, len(table))
+	for i, r := range table {
+		mr, err := mapRegion(r, m.TakeFd(i))
+		if err != nil {
+			unmapAll(regions)
+			return err
+		}
+		regions = append(regions, mr)
+	}
+	if err := c.replaceMemory(regions); err != nil {
+		unmapAll(regions)
+		return err
+	}
+	c.log.WithField("regions", len(regions)).Debug("memory table set")
+	return nil
+}
+
+func (c *conn) addMemReg(m *Message) error {
+	if err := m.wantFds(1); err != nil {
+		return err
+	}
+	r, err := m.MemReg()
+	if err != nil {
+		return err
+	}
+	if len(c.regions) >= maxMemSlots {
+		return fmt.Errorf("%w: more than %d memory regions", ErrProtocol, maxMemSlots)
+	}
+	mr, err := mapRegion(r, m.TakeFd(0))
+	if err != nil {
+		return err
+	}
+	if err := c.replaceMemory(append(slices.Clone(c.regions), mr)); err != nil {
+		mr.unmap()
+		return err
+	}
+	return nil
+}
+
+func (c *conn) remMemReg(m *Message) error {
+	if len(m.Fds) > 1 {
+		return m.wantFds(1)
+	}
+	r, err := m.MemReg()
+	if err != nil {
+		return err
+	}
+	i := slices.IndexFunc(c.regions, func(x *mappedRegion) bool {
+		return x.GuestPhysAddr == r.GuestPhysAddr && x.MemorySize == r.MemorySize && x.UserspaceAddr == r.UserspaceAddr
+	})
+	if i < 0 {
+		return fmt.Errorf("REM_MEM_REG: no region at gpa %#x size %#x", r.GuestPhysAddr, r.MemorySize)
+	}
+	regions := slices.Delete(slices.Clone(c.regions), i, i+1)
+	if len(regions) == 0 {
+		stopped := c.stopAll()
+		for _, v := range stopped {
+			c.log.WithField("queue", v.index).Warn("ring stopped: its memory was removed")
+		}
+		unmapAll(c.regions)
+		c.regions, c.mem = nil, nil
+		return nil
+	}
+	return c.replaceMemory(regions)
+}
+
+// reset returns every ring to its initial state (RESET_OWNER, RESET_DEVICE).
+// The memory table stays: the front-end sends it again when it restarts.
+func (c *conn) reset() {
+	c.stopAll()
+	for i, v := range c.rings {
+		v.closeKick()
+		v.call.set(-1, "")
+		v.err.set(-1, "")
+		c.rings[i] = newVring(i)
+	}
+	c.features = 0
+	c.dev.SetFeatures(0)
+	c.log.Info("device reset")
+}
+
+// cleanup releases everything when the connection ends.
+func (c *conn) cleanup() {
+	c.stopAll()
+	for _, v := range c.rings {
+		v.closeKick()
+		v.call.set(-1, "")
+		v.err.set(-1, "")
+	}
+	unmapAll(c.regions)
+	c.regions, c.mem = nil, nil
+	c.sock.Close()
+}

@@ -1,0 +1,326 @@
+package virtio
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vublk/vublk/backend"
+)
+
+// Notifier interrupts the driver (the vring call eventfd).
+type Notifier interface {
+	Notify()
+}
+
+// Queue is one virtqueue of a device while it runs: the ring, the memory its
+// buffers live in, and what completions need.
+type Queue struct {
+	Index  int
+	Ring   *SplitQueue
+	Mem    *GuestMemory
+	Notify Notifier
+
+	mu       sync.Mutex     // serialises used-ring pushes from the lanes
+	inflight sync.WaitGroup // popped and not yet pushed to the used ring
+	chain    DescChain      // scratch for the popping goroutine
+}
+
+// Drain waits until every request popped from q has been completed. Call it
+// only after the popping goroutine has stopped.
+func (q *Queue) Drain() { q.inflight.Wait() }
+
+// BlkDevice is a virtio-blk device over a backend engine. One BlkDevice serves
+// all queues of one export.
+type BlkDevice struct {
+	engine *backend.Engine
+	cfg    BlkConfig
+	log    *logrus.Entry
+	glog   *guestLog
+
+	mu        sync.Mutex
+	features  uint64 // acknowledged by the driver
+	writeback bool   // current cache mode as the guest sees it
+
+	pool sync.Pool
+}
+
+// NewBlkDevice returns a device presenting cfg over engine.
+func NewBlkDevice(engine *backend.Engine, cfg BlkConfig, log *logrus.Entry) *BlkDevice {
+	if cfg.BlockSize == 0 {
+		cfg.BlockSize = SectorSize
+	}
+	d := &BlkDevice{engine: engine, cfg: cfg, log: log, glog: newGuestLog(log), writeback: cfg.Writeback}
+	d.pool.New = func() any { return &blkReq{dev: d} }
+	engine.SetWriteThrough(!cfg.Writeback)
+	return d
+}
+
+// Config returns the device's configuration.
+func (d *BlkDevice) Config() BlkConfig { return d.cfg }
+
+// Engine returns the backend engine.
+func (d *BlkDevice) Engine() *backend.Engine { return d.engine }
+
+// Features are the device feature bits offered to the driver.
+func (d *BlkDevice) Features() uint64 { return d.cfg.Features() }
+
+// SetFeatures records the features the driver acknowledged and sets the cache
+// mode that follows from them: without VIRTIO_BLK_F_FLUSH the driver cannot
+// flush, so every write must be durable on completion.
+func (d *BlkDevice) SetFeatures(f uint64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.features = f & d.cfg.Features()
+	d.writeback = d.cfg.Writeback
+	d.engine.SetWriteThrough(!d.writeback || d.features&(1<<BlkFFlush) == 0)
+}
+
+// ReadConfig returns n bytes of the config space from offset off; bytes
+// beyond the structure read as zero.
+func (d *BlkDevice) ReadConfig(off, n uint32) []byte {
+	d.mu.Lock()
+	space := d.cfg.space(d.writeback)
+	d.mu.Unlock()
+	out := make([]byte, n)
+	if off < uint32(len(space)) {
+		copy(out, space[off:])
+	}
+	return out
+}
+
+// WriteConfig handles a driver write to the config space. Only the writeback
+// byte is writable, and only with VIRTIO_BLK_F_CONFIG_WCE.
+func (d *BlkDevice) WriteConfig(off uint32, data []byte) error {
+	if off != cfgWriteback || len(data) != 1 {
+		return fmt.Errorf("config write at offset %d length %d: only the writeback byte is writable", off, len(data))
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.features&(1<<BlkFConfigWCE) == 0 {
+		return errors.New("config write to writeback without VIRTIO_BLK_F_CONFIG_WCE")
+	}
+	wb := data[0] != 0
+	if wb == d.writeback {
+		return nil
+	}
+	if !wb {
+		// Switching to write through: make what was cached durable first,
+		// so that "write through" holds for earlier writes too.
+		if err := d.engine.Flush(); err != nil {
+			d.log.WithError(err).Error("flush on switch to write-through failed")
+		}
+	}
+	d.writeback = wb
+	d.engine.SetWriteThrough(!wb || d.features&(1<<BlkFFlush) == 0)
+	d.log.WithField("write_cache", cacheMode(wb)).Info("guest changed the write cache mode")
+	return nil
+}
+
+func cacheMode(writeback bool) string {
+	if writeback {
+		return "writeback"
+	}
+	return "writethrough"
+}
+
+// ProcessQueue pops and starts every available request of q. It returns nil
+// when the ring is empty and notifications are re-enabled, or an error when
+// the ring is broken and must not be touched again.
+func (d *BlkDevice) ProcessQueue(q *Queue) error {
+	for {
+		q.Ring.DisableNotify()
+		for {
+			head, ok, err := q.Ring.Next()
+			if err != nil {
+				return err
+			}
+			if !ok {
+				break
+			}
+			if err := d.start(q, head); err != nil {
+				return err
+			}
+		}
+		if !q.Ring.EnableNotify() {
+			return nil
+		}
+	}
+}
+
+// blkReq is one request in flight. It is pooled: nothing on the hot path
+// allocates once the pool is warm.
+type blkReq struct {
+	dev     *BlkDevice
+	q       *Queue
+	head    uint16
+	blk     BlkRequest
+	io      backend.Request
+	written uint32 // bytes of In to report on success
+	segs    []DiscardSegment
+}
+
+// start handles one popped chain. Problems in the request become an error
+// status; only a chain that cannot be answered at all breaks the queue.
+func (d *BlkDevice) start(q *Queue, head uint16) error {
+	if err := q.Ring.ReadChain(head, &q.chain); err != nil {
+		return err
+	}
+	r := d.pool.Get().(*blkReq)
+	r.q, r.head, r.written = q, head, 0
+	q.inflight.Add(1)
+	if err := ParseBlkRequest(q.Mem, q.chain.Segs, &r.blk); err != nil {
+		if r.blk.Status == nil {
+			q.inflight.Done()
+			d.pool.Put(r)
+			return err // no status byte: nothing we can answer
+		}
+		d.guestError(q, r, err)
+		d.finish(r, BlkSIOErr)
+		return nil
+	}
+	switch r.blk.Type {
+	case BlkTIn, BlkTOut:
+		d.startRW(r)
+	case BlkTFlush:
+		// The flush runs on this queue's goroutine: later requests of this
+		// queue wait for it, and the barrier holds those of other queues.
+		d.finish(r, StatusFor(d.engine.Flush()))
+	case BlkTGetID:
+		d.getID(r)
+	case BlkTDiscard, BlkTWriteZeroes:
+		d.startDiscard(r)
+	default:
+		d.finish(r, BlkSUnsupp)
+	}
+	return nil
+}
+
+// checkRange validates a byte range given in 512-byte sectors against the
+// capacity and the logical block size.
+func (d *BlkDevice) checkRange(sector, bytes uint64) error {
+	capSectors := d.cfg.Capacity / SectorSize
+	lbs := uint64(d.cfg.BlockSize)
+	switch {
+	case sector > capSectors || bytes/SectorSize > capSectors-sector:
+		return fmt.Errorf("%w: sector %d + %d bytes beyond capacity of %d sectors", ErrBadRequest, sector, bytes, capSectors)
+	case (sector*SectorSize)%lbs != 0 || bytes%lbs != 0:
+		return fmt.Errorf("%w: sector %d length %d not aligned to the %d-byte block size", ErrBadRequest, sector, bytes, lbs)
+	}
+	return nil
+}
+
+func (d *BlkDevice) startRW(r *blkReq) {
+	op, bufs, n := backend.OpRead, r.blk.In, r.blk.InLen
+	if r.blk.Type == BlkTOut {
+		op, bufs, n = backend.OpWrite, r.blk.Out, r.blk.OutLen
+		if d.cfg.ReadOnly {
+			d.guestError(r.q, r, errors.New("write to a read-only disk"))
+			d.finish(r, BlkSIOErr)
+			return
+		}
+	}
+	if err := d.checkRange(r.blk.Sector, n); err != nil {
+		d.guestError(r.q, r, err)
+		d.finish(r, BlkSIOErr)
+		return
+	}
+	if op == backend.OpRead {
+		r.written = uint32(min(n, 1<<32-2))
+	}
+	r.io = backend.Request{Op: op, Offset: int64(r.blk.Sector * SectorSize), Bufs: bufs, Done: r}
+	d.engine.Submit(&r.io)
+}
+
+func (d *BlkDevice) startDiscard(r *blkReq) {
+	op := backend.OpDiscard
+	if r.blk.Type == BlkTWriteZeroes {
+		op = backend.OpWriteZeroes
+	}
+	if d.cfg.ReadOnly || !d.cfg.Discard {
+		d.finish(r, BlkSUnsupp)
+		return
+	}
+	var err error
+	r.segs, err = r.blk.DiscardSegments(r.segs[:0], maxDiscardSegs)
+	if err != nil {
+		d.guestError(r.q, r, err)
+		d.finish(r, BlkSIOErr)
+		return
+	}
+	s := r.segs[0]
+	unmap := s.Flags&discardFlagUnmap != 0
+	// Unknown flags, or unmap on a plain discard: UNSUPP (virtio 1.2 5.2.6.2).
+	if s.Flags&^discardFlagUnmap != 0 || (op == backend.OpDiscard && unmap) {
+		d.finish(r, BlkSUnsupp)
+		return
+	}
+	if s.NumSectors > maxDiscardSector {
+		d.guestError(r.q, r, fmt.Errorf("%w: %d sectors in one segment", ErrBadRequest, s.NumSectors))
+		d.finish(r, BlkSIOErr)
+		return
+	}
+	bytes := uint64(s.NumSectors) * SectorSize
+	if err := d.checkRange(s.Sector, bytes); err != nil {
+		d.guestError(r.q, r, err)
+		d.finish(r, BlkSIOErr)
+		return
+	}
+	r.io = backend.Request{Op: op, Offset: int64(s.Sector * SectorSize), Length: int64(bytes), Unmap: unmap, Done: r}
+	d.engine.Submit(&r.io)
+}
+
+func (d *BlkDevice) getID(r *blkReq) {
+	var id [BlkIDBytes]byte
+	copy(id[:], d.cfg.Serial)
+	n := min(r.blk.InLen, BlkIDBytes)
+	src := id[:n]
+	for _, b := range r.blk.In {
+		if len(src) == 0 {
+			break
+		}
+		c := copy(b, src)
+		src = src[c:]
+	}
+	r.written = uint32(n)
+	d.finish(r, BlkSOK)
+}
+
+// Complete implements backend.Completer: a lane finished r.io.
+func (r *blkReq) Complete(io *backend.Request) {
+	d := r.dev
+	if io.Err != nil {
+		d.log.WithFields(logrus.Fields{"queue": r.q.Index, "op": io.Op.String(), "offset": io.Offset}).
+			WithError(io.Err).Error("store operation failed")
+	}
+	d.finish(r, StatusFor(io.Err))
+}
+
+// finish writes the status byte, publishes the used element and interrupts
+// the driver if it asked for it.
+func (d *BlkDevice) finish(r *blkReq, status uint8) {
+	q := r.q
+	written := uint32(1)
+	if status == BlkSOK {
+		written += r.written
+	}
+	r.blk.Status[0] = status
+	q.mu.Lock()
+	q.Ring.PushUsed(r.head, written)
+	notify := q.Ring.NeedInterrupt()
+	q.mu.Unlock()
+	if notify && q.Notify != nil {
+		q.Notify.Notify()
+	}
+	r.q = nil
+	r.io = backend.Request{}
+	d.pool.Put(r)
+	q.inflight.Done()
+}
+
+func (d *BlkDevice) guestError(q *Queue, r *blkReq, err error) {
+	d.glog.Warn(logrus.Fields{"queue": q.Index, "type": r.blk.Type, "sector": r.blk.Sector, "error": err.Error()},
+		"bad request from the guest")
+}

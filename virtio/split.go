@@ -1,0 +1,232 @@
+package virtio
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// Split virtqueue layout (virtio 1.2, section 2.7).
+const (
+	descSize = 16
+
+	DescFNext     = 1 // VIRTQ_DESC_F_NEXT
+	DescFWrite    = 2 // VIRTQ_DESC_F_WRITE: device-writable
+	DescFIndirect = 4 // VIRTQ_DESC_F_INDIRECT
+
+	availFNoInterrupt = 1 // VIRTQ_AVAIL_F_NO_INTERRUPT
+	usedFNoNotify     = 1 // VIRTQ_USED_F_NO_NOTIFY
+
+	// MaxQueueSize is the largest split virtqueue (2^15).
+	MaxQueueSize = 32768
+	// maxIndirect bounds an indirect table (entries).
+	maxIndirect = MaxQueueSize
+)
+
+// RingAddrs are the three parts of a split ring in the frontend's virtual
+// address space (VHOST_USER_SET_VRING_ADDR).
+type RingAddrs struct {
+	Desc, Avail, Used uint64
+}
+
+// SplitQueue is the device side of one split virtqueue.
+//
+// Next, ReadChain, DisableNotify and EnableNotify belong to the one goroutine
+// that pops the queue; PushUsed and NeedInterrupt must be serialised by the
+// caller (completions come from several lanes). The two sides touch disjoint
+// fields of this struct.
+type SplitQueue struct {
+	size     uint16
+	desc     []byte
+	avail    []byte
+	used     []byte
+	mem      *GuestMemory
+	eventIdx bool
+
+	// popping side
+	lastAvail uint16
+	usedFlags uint16
+
+	// completing side
+	usedIdx        uint16
+	signalledUsed  uint16
+	signalledValid bool
+}
+
+// NewSplitQueue maps a split ring of size entries at addrs. lastAvail is the
+// index of the next available entry to pop (VHOST_USER_SET_VRING_BASE); the
+// used index is read from the ring.
+func NewSplitQueue(mem *GuestMemory, size int, addrs RingAddrs, eventIdx bool, lastAvail uint16) (*SplitQueue, error) {
+	if size <= 0 || size > MaxQueueSize || size&(size-1) != 0 {
+		return nil, fmt.Errorf("%w: queue size %d is not a power of two in 1..%d", ErrBrokenRing, size, MaxQueueSize)
+	}
+	// Alignment rules of virtio 1.2 section 2.7: 16, 2 and 4 bytes.
+	if addrs.Desc%16 != 0 || addrs.Avail%2 != 0 || addrs.Used%4 != 0 {
+		return nil, fmt.Errorf("%w: misaligned ring addresses desc %#x avail %#x used %#x", ErrBrokenRing, addrs.Desc, addrs.Avail, addrs.Used)
+	}
+	n := uint64(size)
+	q := &SplitQueue{size: uint16(size), mem: mem, eventIdx: eventIdx, lastAvail: lastAvail}
+	var err error
+	if q.desc, err = mem.UserSlice(addrs.Desc, descSize*n); err != nil {
+		return nil, fmt.Errorf("descriptor table: %w", err)
+	}
+	if q.avail, err = mem.UserSlice(addrs.Avail, 6+2*n); err != nil {
+		return nil, fmt.Errorf("available ring: %w", err)
+	}
+	if q.used, err = mem.UserSlice(addrs.Used, 6+8*n); err != nil {
+		return nil, fmt.Errorf("used ring: %w", err)
+	}
+	q.usedIdx = load16(q.used, 2)
+	q.usedFlags = load16(q.used, 0)
+	return q, nil
+}
+
+// Size is the number of entries.
+func (q *SplitQueue) Size() int { return int(q.size) }
+
+// LastAvail is the index of the next available entry to pop.
+func (q *SplitQueue) LastAvail() uint16 { return q.lastAvail }
+
+// UsedIdx is the index of the next used entry to publish.
+func (q *SplitQueue) UsedIdx() uint16 { return q.usedIdx }
+
+// Next pops the head of the next available chain. ok is false when the ring
+// is empty. An impossible ring state is ErrBrokenRing.
+func (q *SplitQueue) Next() (head uint16, ok bool, err error) {
+	availIdx := load16(q.avail, 2)
+	pending := availIdx - q.lastAvail
+	if pending == 0 {
+		return 0, false, nil
+	}
+	if pending > q.size {
+		return 0, false, fmt.Errorf("%w: avail idx %d, last popped %d, size %d", ErrBrokenRing, availIdx, q.lastAvail, q.size)
+	}
+	head = load16(q.avail, 4+2*int(q.lastAvail%q.size))
+	if head >= q.size {
+		return 0, false, fmt.Errorf("%w: head %d beyond queue size %d", ErrBrokenRing, head, q.size)
+	}
+	q.lastAvail++
+	return head, true, nil
+}
+
+// Segment is one buffer of a descriptor chain, as the guest described it.
+type Segment struct {
+	Addr  uint64
+	Len   uint32
+	Write bool // device-writable
+}
+
+// DescChain is a walked descriptor chain. Reuse one across calls to avoid
+// allocating.
+type DescChain struct {
+	Head uint16
+	Segs []Segment
+}
+
+// ReadChain walks the chain starting at head into c, following at most one
+// indirect table. Each descriptor is copied out of guest memory once and the
+// copy is checked: the guest may rewrite the table meanwhile.
+func (q *SplitQueue) ReadChain(head uint16, c *DescChain) error {
+	c.Head = head
+	c.Segs = c.Segs[:0]
+	table := q.desc
+	limit := int(q.size) // entries in the current table, and max steps in it
+	idx := int(head)
+	indirect := false
+	sawWrite := false
+	for steps := 0; ; steps++ {
+		if steps >= limit {
+			return fmt.Errorf("%w: chain at head %d is longer than its table (%d)", ErrBadChain, head, limit)
+		}
+		if idx >= limit {
+			return fmt.Errorf("%w: next index %d beyond table of %d", ErrBadChain, idx, limit)
+		}
+		d := table[descSize*idx : descSize*idx+descSize]
+		addr := binary.LittleEndian.Uint64(d[0:])
+		length := binary.LittleEndian.Uint32(d[8:])
+		flags := binary.LittleEndian.Uint16(d[12:])
+		next := binary.LittleEndian.Uint16(d[14:])
+
+		if flags&DescFIndirect != 0 {
+			switch {
+			case indirect:
+				return fmt.Errorf("%w: indirect descriptor inside an indirect table", ErrBadChain)
+			case len(c.Segs) > 0 || flags&DescFNext != 0:
+				return fmt.Errorf("%w: indirect descriptor must be the whole chain", ErrBadChain)
+			case length == 0 || length%descSize != 0 || length/descSize > maxIndirect:
+				return fmt.Errorf("%w: indirect table length %d", ErrBadChain, length)
+			}
+			t, err := q.mem.Slice(addr, uint64(length))
+			if err != nil {
+				return fmt.Errorf("%w: indirect table: %w", ErrBadChain, err)
+			}
+			table, limit, idx, indirect, steps = t, int(length/descSize), 0, true, -1
+			continue
+		}
+		write := flags&DescFWrite != 0
+		if sawWrite && !write {
+			return fmt.Errorf("%w: device-readable descriptor after a writable one", ErrBadChain)
+		}
+		sawWrite = sawWrite || write
+		c.Segs = append(c.Segs, Segment{Addr: addr, Len: length, Write: write})
+		if flags&DescFNext == 0 {
+			return nil
+		}
+		idx = int(next)
+	}
+}
+
+// PushUsed publishes one used element: the chain at head, of which the device
+// wrote written bytes. The element is written before the index that
+// publishes it (store16 is a full barrier).
+func (q *SplitQueue) PushUsed(head uint16, written uint32) {
+	slot := 4 + 8*int(q.usedIdx%q.size)
+	binary.LittleEndian.PutUint32(q.used[slot:], uint32(head))
+	binary.LittleEndian.PutUint32(q.used[slot+4:], written)
+	q.usedIdx++
+	store16(q.used, 2, q.usedIdx)
+}
+
+// NeedInterrupt reports whether the driver wants an interrupt for what was
+// pushed since the last interrupt (VIRTIO_F_EVENT_IDX's used_event, or the
+// avail ring's NO_INTERRUPT flag without it).
+func (q *SplitQueue) NeedInterrupt() bool {
+	fence()
+	if !q.eventIdx {
+		return load16(q.avail, 0)&availFNoInterrupt == 0
+	}
+	usedEvent := load16(q.avail, 4+2*int(q.size))
+	valid, old, now := q.signalledValid, q.signalledUsed, q.usedIdx
+	q.signalledValid, q.signalledUsed = true, now
+	return !valid || needEvent(usedEvent, now, old)
+}
+
+// needEvent is vring_need_event of the virtio spec: whether event lies in
+// (old, now].
+func needEvent(event, now, old uint16) bool {
+	return now-event-1 < now-old
+}
+
+// DisableNotify asks the driver not to kick while we are popping.
+func (q *SplitQueue) DisableNotify() {
+	if q.eventIdx {
+		return // avail_event is simply not advanced while popping
+	}
+	if q.usedFlags&usedFNoNotify == 0 {
+		q.usedFlags |= usedFNoNotify
+		store16(q.used, 0, q.usedFlags)
+	}
+}
+
+// EnableNotify asks the driver to kick for the next available entry, then
+// re-reads the available index: if it returns true, entries arrived in the
+// meantime and the caller must pop again.
+func (q *SplitQueue) EnableNotify() (more bool) {
+	if q.eventIdx {
+		store16(q.used, 4+8*int(q.size), q.lastAvail)
+	} else {
+		q.usedFlags &^= usedFNoNotify
+		store16(q.used, 0, q.usedFlags)
+	}
+	fence()
+	return load16(q.avail, 2) != q.lastAvail
+}
