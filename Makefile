@@ -1,0 +1,65 @@
+# vublk — a vhost-user-blk back-end.
+#   make run    serve a sparse 1 GiB disk.img on ./vublk.sock and print the QEMU command line
+#   make test   install what the tests need (make deps), then unit, fuzz-seed and end-to-end tests
+
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+GO ?= go
+BIN := bin/vublk
+SOCKET ?= $(CURDIR)/vublk.sock
+DISK ?= $(CURDIR)/disk.img
+SIZE ?= 1G
+FUZZTIME ?= 60s
+FUZZ_PKGS := ./virtio ./vhostuser
+
+.PHONY: all build deps run test check unit e2e fuzz clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/vublk
+
+# Everything the tests need: Debian packages, the guest kernel, Go modules.
+deps:
+	bash scripts/deps.sh
+
+run: build
+	@echo "Serving $(DISK) ($(SIZE), created sparse if missing) on $(SOCKET). Attach it to QEMU with:"
+	@echo
+	@echo "  qemu-system-x86_64 -machine q35,accel=kvm:tcg -m 1G \\"
+	@echo "    -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\"
+	@echo "    -chardev socket,id=vublk0,path=$(SOCKET) \\"
+	@echo "    -device vhost-user-blk-pci,chardev=vublk0,num-queues=2 \\"
+	@echo "    ...your usual boot options..."
+	@echo
+	@echo "Stop with Ctrl-C: vublk drains, syncs and exits."
+	$(BIN) serve --socket-path $(SOCKET) --blk-file $(DISK) --size $(SIZE)
+
+# Static checks: formatting and vet.
+check:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt would change:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) vet -tags e2e ./tests/...
+
+# Unit and table tests with the race detector; fuzz targets run their seed corpus.
+unit:
+	$(GO) test -race -count=1 -timeout 10m ./...
+
+# End-to-end tests against real QEMU with a Linux guest (needs make deps).
+e2e:
+	$(GO) test -tags e2e -count=1 -v -timeout 20m ./tests/e2e/
+
+test: deps check unit e2e
+
+# Run every fuzz target for FUZZTIME each.
+fuzz:
+	@set -e; for pkg in $(FUZZ_PKGS); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+	    echo "== $$pkg $$f ($(FUZZTIME))"; \
+	    $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+clean:
+	rm -rf bin
