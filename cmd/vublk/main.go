@@ -34,6 +34,7 @@ const usage = `vublk: a vhost-user-blk back-end serving a file or block device t
 Usage:
   vublk serve --socket-path PATH --blk-file PATH [options]
   vublk serve --fd N --blk-file PATH [options]
+  vublk replay --log PATH [--base IMAGE] --out IMAGE [--mark N] [--crash --seed S]
   vublk --print-capabilities
   vublk help
 
@@ -48,6 +49,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		return serve(args[1:], stdout, stderr)
+	case "replay":
+		return replay(args[1:], stdout, stderr)
 	case "help", "-h", "--help", "-help":
 		fmt.Fprint(stdout, usage)
 		return 0
@@ -82,6 +85,7 @@ type serveOptions struct {
 	blockSize  int
 	noDiscard  bool
 	name       string
+	writeLog   string
 	logLevel   string
 	logFormat  string
 	printCaps  bool
@@ -104,6 +108,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&o.blockSize, "logical-block-size", 512, "logical block size the guest sees: 512 or 4096")
 	fs.BoolVar(&o.noDiscard, "no-discard", false, "do not offer DISCARD and WRITE_ZEROES")
 	fs.StringVar(&o.name, "name", "", "export name for logs (default: the file's base name)")
+	fs.StringVar(&o.writeLog, "write-log", "", "append every completed write, discard, write-zeroes and flush to this log (see vublk replay)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.BoolVar(&o.printCaps, "print-capabilities", false, "print the back-end capabilities as JSON and exit")
@@ -208,7 +213,17 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 			Warn("--size differs from the existing file's size; keeping the file's size (use --resize to change it)")
 	}
 	capacity := store.Size() / int64(o.blockSize) * int64(o.blockSize)
-	engine := backend.NewEngine(store, o.lanes)
+	var st backend.Store = store
+	if o.writeLog != "" {
+		ls, err := backend.NewLoggingStore(store, o.writeLog)
+		if err != nil {
+			log.WithError(err).Error("cannot create the write log")
+			store.Close()
+			return exitUsage
+		}
+		st = ls
+	}
+	engine := backend.NewEngine(st, o.lanes)
 	cfg := virtio.BlkConfig{
 		Capacity:          uint64(capacity),
 		BlockSize:         uint32(o.blockSize),
@@ -230,7 +245,7 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 	if err != nil {
 		log.WithError(err).Error("cannot listen")
 		engine.Close()
-		store.Close()
+		st.Close()
 		return exitUsage
 	}
 	srv := vhostuser.NewServer(dev, o.numQueues, log)
@@ -260,15 +275,15 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 		log.WithError(err).Error("final flush failed: data may not be durable")
 		code = 1
 	}
-	if err := store.Close(); err != nil && code == 0 {
+	if err := st.Close(); err != nil && code == 0 {
 		log.WithError(err).Error("closing the backing file")
 		code = 1
 	}
-	st := engine.Stats.Snapshot()
+	stats := engine.Stats.Snapshot()
 	log.WithFields(logrus.Fields{
-		"reads": st.Reads, "writes": st.Writes, "flushes": st.Flushes, "discards": st.Discards,
-		"write_zeroes": st.WriteZeroes, "bytes_read": st.BytesRead, "bytes_written": st.BytesWritten,
-		"errors": st.Errors, "flush_errors": st.FlushErrors,
+		"reads": stats.Reads, "writes": stats.Writes, "flushes": stats.Flushes, "discards": stats.Discards,
+		"write_zeroes": stats.WriteZeroes, "bytes_read": stats.BytesRead, "bytes_written": stats.BytesWritten,
+		"errors": stats.Errors, "flush_errors": stats.FlushErrors,
 	}).Info("export stopped")
 	return code
 }
