@@ -1,0 +1,142 @@
+#!/bin/busybox sh
+# /init of the e2e guest: a busybox initramfs that loads the virtio and ext4 modules and runs the
+# checks of one phase against the vhost-user-blk disks served by vublk.
+#
+# Each check prints one line the host test parses:
+#   E2E ok <check> <detail>
+#   E2E FAIL <check> <detail>
+# and the phase ends with "E2E done <phase>". The host knows which checks each phase must report,
+# so a script that stops early fails the test. Parameters come on the kernel command line:
+#   vublk.phase=  main | reconnect | verify
+#   vublk.size=   expected size of /dev/vda in bytes
+#   vublk.serial= expected serial of /dev/vda
+#   vublk.rosize= expected size of the read-only /dev/vdb
+
+/bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /usr/bin /usr/sbin /sbin
+/bin/busybox --install -s /bin
+# The real tools copied from the host (fio, mke2fs, e2fsck, blkdiscard) are in /tools, called by
+# full path: this busybox runs its own applets before anything on PATH.
+T=/tools
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+
+for m in $(cat /modules.order); do
+	insmod "/modules/$m" 2>/dev/null || echo "insmod $m failed (built in?)"
+done
+
+param() { sed -n "s/.*vublk\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+PHASE=$(param phase)
+SIZE=$(param size)
+SERIAL=$(param serial)
+ROSIZE=$(param rosize)
+
+ok() { echo "E2E ok $*"; }
+fail() { echo "E2E FAIL $*"; }
+# expect CHECK GOT WANT
+expect() {
+	if [ "$2" = "$3" ]; then ok "$1" "$2"; else fail "$1" "got '$2', want '$3'"; fi
+}
+# run CHECK COMMAND...: the check passes when the command exits 0; its output is shown on failure.
+run() {
+	name=$1
+	shift
+	if out=$("$@" 2>&1); then
+		ok "$name"
+	else
+		rc=$?
+		echo "$out" | tail -n 20
+		fail "$name" "exit status $rc: $*"
+	fi
+}
+zeros_md5() { dd if=/dev/zero bs=1M count="$1" 2>/dev/null | md5sum | cut -d' ' -f1; }
+dev_md5() { dd if="$1" bs=1M skip="$2" count="$3" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1; }
+
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+
+phase_main() {
+	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	expect logical_block_size "$(cat /sys/block/vda/queue/logical_block_size)" 512
+	expect queues "$(ls /sys/block/vda/mq | wc -l)" 2
+	expect serial "$(cat /sys/block/vda/serial)" "$SERIAL"
+	expect write_cache "$(cat /sys/block/vda/queue/write_cache)" "write back"
+
+	# Random 4 KiB writes from two jobs, each on its own 16 MiB, verified with crc32c.
+	run fio_randwrite_verify $T/fio --name=randwrite --filename=/dev/vda --thread --direct=1 \
+		--ioengine=libaio --iodepth=16 --rw=randwrite --bs=4k --size=16M --numjobs=2 \
+		--offset_increment=16M --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting
+	# Large sequential writes: 1 MiB requests, more pages than seg_max, verified.
+	run fio_seq_1m_verify $T/fio --name=seq1m --filename=/dev/vda --thread --direct=1 \
+		--ioengine=libaio --iodepth=4 --rw=write --bs=1M --offset=64M --size=48M \
+		--verify=crc32c --verify_fatal=1 --do_verify=1
+
+	# DISCARD and WRITE_ZEROES must read back as zeros.
+	dd if=/dev/urandom of=/dev/vda bs=1M seek=128 count=8 oflag=direct 2>/dev/null
+	run discard $T/blkdiscard -o $((128 << 20)) -l $((4 << 20)) /dev/vda
+	expect discard_reads_zeros "$(dev_md5 /dev/vda 128 4)" "$(zeros_md5 4)"
+	run write_zeroes $T/blkdiscard -z -o $((132 << 20)) -l $((4 << 20)) /dev/vda
+	expect write_zeroes_reads_zeros "$(dev_md5 /dev/vda 132 4)" "$(zeros_md5 4)"
+
+	# ext4: make, fill, sync, check, and read back from the disk after dropping caches.
+	run mkfs_ext4 $T/mke2fs -F -q -t ext4 /dev/vda
+	run mount_ext4 mount -t ext4 /dev/vda /mnt
+	mkdir -p /mnt/dir
+	for n in 1 2 3 4 5 6 7 8; do
+		dd if=/dev/urandom of=/mnt/dir/file$n bs=64k count=$((n * 5)) 2>/dev/null
+	done
+	dd if=/dev/urandom of=/mnt/big bs=1M count=24 2>/dev/null
+	(cd /mnt && md5sum big dir/*) > /tmp/sums
+	cp /tmp/sums /mnt/SUMS
+	run sync sync
+	run umount_ext4 umount /mnt
+	run e2fsck_clean $T/e2fsck -fn /dev/vda
+	echo 3 > /proc/sys/vm/drop_caches
+	run remount_ext4 mount -t ext4 -o ro /dev/vda /mnt
+	run checksums_after_drop_caches sh -c 'grep -q " /mnt " /proc/mounts && cd /mnt && md5sum -c /tmp/sums'
+	umount /mnt
+
+	# The read-only export: the guest sees it read-only, reads work and writes fail.
+	expect ro_size "$(blockdev --getsize64 /dev/vdb)" "$ROSIZE"
+	expect ro_flag "$(cat /sys/block/vdb/ro)" 1
+	run ro_read dd if=/dev/vdb of=/dev/null bs=1M count=4 iflag=direct
+	# Linux refuses writes to a disk with VIRTIO_BLK_F_RO itself (EPERM) before they reach the
+	# device; vublk's own IOERR for a write that does reach it is tested with the Go frontend.
+	if out=$(dd if=/dev/zero of=/dev/vdb bs=4k count=1 oflag=direct 2>&1); then
+		fail ro_write_fails "a write to the read-only disk succeeded"
+	else
+		ok ro_write_fails "$(echo "$out" | grep -i error | head -n 1)"
+	fi
+}
+
+phase_reconnect() {
+	# A second VM on the same vublk process: the disk is still there with its data; then the host
+	# kills this VM while writes are in flight.
+	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	run mount_ext4 mount -t ext4 /dev/vda /mnt
+	run checksums sh -c 'grep -q " /mnt " /proc/mounts && cd /mnt && md5sum -c SUMS'
+	echo "E2E writing"
+	while true; do
+		dd if=/dev/urandom of=/mnt/scratch bs=64k count=64 conv=fsync 2>/dev/null
+	done
+}
+
+phase_verify() {
+	# A third VM after the second one was killed mid-write: journal recovery, then clean.
+	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	run mount_ext4 mount -t ext4 /dev/vda /mnt
+	run checksums sh -c 'grep -q " /mnt " /proc/mounts && cd /mnt && md5sum -c SUMS'
+	run umount_ext4 umount /mnt
+	run e2fsck_clean $T/e2fsck -fn /dev/vda
+}
+
+case "$PHASE" in
+main) phase_main ;;
+reconnect) phase_reconnect ;;
+verify) phase_verify ;;
+*) fail phase "unknown phase '$PHASE'" ;;
+esac
+echo "E2E done $PHASE"
+sync
+poweroff -f
