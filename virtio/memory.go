@@ -2,6 +2,7 @@ package virtio
 
 import (
 	"fmt"
+	"math"
 	"sort"
 )
 
@@ -87,6 +88,11 @@ func (m *GuestMemory) Slice(gpa, n uint64) ([]byte, error) {
 // AppendSlices appends to dst the slices that make up the n bytes at gpa; a
 // range that crosses regions becomes several slices.
 func (m *GuestMemory) AppendSlices(dst [][]byte, gpa, n uint64) ([][]byte, error) {
+	// A range may not run past 2^64 onto a region at gpa 0 (checked by
+	// subtraction: the last byte gpa+n-1 must not overflow).
+	if n > 0 && n-1 > math.MaxUint64-gpa {
+		return dst, fmt.Errorf("%w: gpa %#x length %d wraps the address space", ErrBadAddress, gpa, n)
+	}
 	for n > 0 {
 		r, off, ok := m.find(gpa)
 		if !ok {
@@ -95,7 +101,7 @@ func (m *GuestMemory) AppendSlices(dst [][]byte, gpa, n uint64) ([][]byte, error
 		c := min(n, r.size()-off)
 		dst = append(dst, r.Data[off:off+c:off+c])
 		n -= c
-		gpa += c // cannot wrap: c <= r.size()-off and the region does not wrap
+		gpa += c // wraps only to 0 at the top region's end, and then n is 0
 	}
 	return dst, nil
 }

@@ -52,10 +52,14 @@ func TestGuest(t *testing.T) {
 			"size", "logical_block_size", "queues", "serial", "write_cache",
 			"fio_randwrite_verify", "fio_seq_1m_verify",
 			"discard", "discard_reads_zeros", "write_zeroes", "write_zeroes_reads_zeros",
+			"cache_write_through", "write_through_io", "cache_write_back",
 			"mkfs_ext4", "mount_ext4", "sync", "umount_ext4", "e2fsck_clean", "remount_ext4",
 			"checksums_after_drop_caches",
 			"ro_size", "ro_flag", "ro_read", "ro_write_fails",
 		})
+		if n := rw.countLogs("guest changed the write cache mode"); n != 2 {
+			t.Errorf("vublk logged %d cache mode changes, want 2 (write through, write back)", n)
+		}
 		// What the guest wrote is in the host file: the host's e2fsck agrees.
 		hostFsck(t, img)
 	})
@@ -78,11 +82,10 @@ func TestGuest(t *testing.T) {
 	t.Run("verify_after_kill", func(t *testing.T) {
 		v := bootGuest(t, boot{disks: disks, params: params("verify"), timeout: 5 * time.Minute})
 		v.expectChecks(t, "verify", []string{"size", "mount_ext4", "checksums", "umount_ext4", "e2fsck_clean"})
+		if n := rw.countLogs("front-end connected"); n != 3 {
+			t.Errorf("the read-write export saw %d connections, want 3", n)
+		}
 	})
-
-	if n := rw.countLogs("front-end connected"); n != 3 {
-		t.Errorf("the read-write export saw %d connections, want 3", n)
-	}
 
 	t.Run("sigterm", func(t *testing.T) {
 		stats, err := rw.stop()

@@ -79,6 +79,14 @@ phase_main() {
 	run write_zeroes $T/blkdiscard -z -o $((132 << 20)) -l $((4 << 20)) /dev/vda
 	expect write_zeroes_reads_zeros "$(dev_md5 /dev/vda 132 4)" "$(zeros_md5 4)"
 
+	# CONFIG_WCE: the guest switches the disk to write through (each write durable before it
+	# completes) and back.
+	echo "write through" > /sys/block/vda/cache_type
+	expect cache_write_through "$(cat /sys/block/vda/queue/write_cache)" "write through"
+	run write_through_io dd if=/dev/urandom of=/dev/vda bs=64k seek=3000 count=16 oflag=direct
+	echo "write back" > /sys/block/vda/cache_type
+	expect cache_write_back "$(cat /sys/block/vda/queue/write_cache)" "write back"
+
 	# ext4: make, fill, sync, check, and read back from the disk after dropping caches.
 	run mkfs_ext4 $T/mke2fs -F -q -t ext4 /dev/vda
 	run mount_ext4 mount -t ext4 /dev/vda /mnt
