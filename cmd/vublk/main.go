@@ -94,7 +94,6 @@ type serveOptions struct {
 func serve(args []string, stdout, stderr io.Writer) int {
 	var o serveOptions
 	fs := flag.NewFlagSet("vublk serve", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	fs.StringVar(&o.socketPath, "socket-path", "", "unix socket to listen on for the vhost-user front-end (QEMU)")
 	fs.IntVar(&o.fd, "fd", -1, "inherited listening unix socket descriptor, instead of --socket-path")
 	fs.StringVar(&o.blkFile, "blk-file", "", "file or block device to export")
@@ -112,11 +111,8 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.BoolVar(&o.printCaps, "print-capabilities", false, "print the back-end capabilities as JSON and exit")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return exitUsage
+	if code, ok := parseFlags(fs, args, stdout, stderr); !ok {
+		return code
 	}
 	if o.printCaps {
 		b, _ := json.Marshal(capabilities)
@@ -182,6 +178,25 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	return runExport(o, size, log)
 }
 
+// parseFlags parses args into fs. -h prints the options to stdout; a bad flag is one line on
+// stderr and exit code 2. ok is false when the command must exit with code.
+func parseFlags(fs *flag.FlagSet, args []string, stdout, stderr io.Writer) (code int, ok bool) {
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	switch {
+	case err == nil:
+		return 0, true
+	case errors.Is(err, flag.ErrHelp):
+		fmt.Fprintf(stdout, "Usage of %s:\n", fs.Name())
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+		return 0, false
+	default:
+		fmt.Fprintf(stderr, "%s: %v (see %s -h)\n", fs.Name(), err, fs.Name())
+		return exitUsage, false
+	}
+}
+
 func newLogger(level, format string, w io.Writer) (*logrus.Logger, error) {
 	log := logrus.New()
 	log.SetOutput(w)
@@ -236,6 +251,12 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 	}
 	dev := virtio.NewBlkDevice(engine, cfg, log)
 
+	// Take over SIGINT and SIGTERM before announcing readiness: from "export ready" on, a signal
+	// means drain, sync and exit 0.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+
 	var ln *net.UnixListener
 	if o.fd >= 0 {
 		ln, err = vhostuser.ListenFD(o.fd)
@@ -254,8 +275,6 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 		"lanes": o.lanes, "num_queues": o.numQueues, "write_cache": o.writeCache, "serial": o.serial,
 	}).Info("export ready")
 
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 
@@ -269,7 +288,6 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 			code = 1
 		}
 	}
-	signal.Stop(sigs)
 	srv.Close()
 	if err := engine.Close(); err != nil {
 		log.WithError(err).Error("final flush failed: data may not be durable")

@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -15,7 +14,6 @@ import (
 // replay rebuilds a disk image from a write log (vublk serve --write-log).
 func replay(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("vublk replay", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	logPath := fs.String("log", "", "write log made by vublk serve --write-log")
 	base := fs.String("base", "", "the disk image as it was when logging started (default: zeros)")
 	out := fs.String("out", "", "image to write")
@@ -23,11 +21,8 @@ func replay(args []string, stdout, stderr io.Writer) int {
 	crash := fs.Bool("crash", false, "write a random crash state: everything up to --mark (default: the last mark) plus any subset of what followed it, torn at 512-byte sectors")
 	seed := fs.Uint64("seed", 1, "random seed for --crash")
 	info := fs.Bool("info", false, "print the log's size, records and marks as JSON and exit")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return exitUsage
+	if code, ok := parseFlags(fs, args, stdout, stderr); !ok {
+		return code
 	}
 	fail := func(code int, format string, a ...any) int {
 		fmt.Fprintf(stderr, "vublk replay: "+format+"\n", a...)
