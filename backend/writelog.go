@@ -233,6 +233,7 @@ type LogRecord struct {
 	Length int64
 	Mark   uint64
 	Data   []byte // writes only
+	End    int64  // the log file offset just past this record
 }
 
 // WriteLog is a decoded write log.
@@ -316,8 +317,9 @@ func ReadWriteLog(r io.Reader) (*WriteLog, error) {
 		if rec.Type == LogFlush {
 			l.Marks++
 		}
-		l.Records = append(l.Records, rec)
 		pos += recHeaderSize + recTrailer + int64(len(rec.Data))
+		rec.End = pos
+		l.Records = append(l.Records, rec)
 	}
 }
 

@@ -7,7 +7,7 @@
 #   E2E FAIL <check> <detail>
 # and the phase ends with "E2E done <phase>". The host knows which checks each phase must report,
 # so a script that stops early fails the test. Parameters come on the kernel command line:
-#   vublk.phase=  main | reconnect | verify
+#   vublk.phase=  main | reconnect | verify | crashwork
 #   vublk.size=   expected size of /dev/vda in bytes
 #   vublk.serial= expected serial of /dev/vda
 #   vublk.rosize= expected size of the read-only /dev/vdb
@@ -139,10 +139,46 @@ phase_verify() {
 	run e2fsck_clean $T/e2fsck -fn /dev/vda
 }
 
+# crash_worker ROUND WORKER: creates files with fsync, rename and a directory fsync, each
+# announced as durable once the guest has been told it is; then unlinks its files of two rounds ago.
+# The content of a file is its name repeated, so the host can check it in any crash state.
+crash_worker() {
+	r=$1
+	w=$2
+	for i in 1 2 3 4 5; do
+		name=r$r-w$w-$i
+		size=$(((w * 7 + i * 13) % 32 * 4096 + 123))
+		yes "$name" | head -c $size > /mnt/data/tmp.$name
+		sync /mnt/data/tmp.$name || fail "fsync_$name" "fsync failed"
+		mv /mnt/data/tmp.$name /mnt/data/$name
+		sync /mnt/data || fail "dirsync_$name" "fsync of the directory failed"
+		echo "E2E durable $name $size"
+	done
+	rm -f /mnt/data/r$((r - 2))-w$w-*
+}
+
+# A journaled ext4 workload that flushes a lot, with vublk logging every write and flush; the host
+# replays the log into crash states and checks them.
+phase_crashwork() {
+	run mount_ext4 mount -t ext4 /dev/vda /mnt
+	mkdir -p /mnt/data
+	sync /mnt
+	for r in 1 2 3 4 5 6; do
+		for w in 1 2 3 4; do
+			crash_worker $r $w &
+		done
+		wait
+		sync
+		echo "E2E synced $r"
+	done
+	run umount_ext4 umount /mnt
+}
+
 case "$PHASE" in
 main) phase_main ;;
 reconnect) phase_reconnect ;;
 verify) phase_verify ;;
+crashwork) phase_crashwork ;;
 *) fail phase "unknown phase '$PHASE'" ;;
 esac
 echo "E2E done $PHASE"

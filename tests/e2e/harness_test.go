@@ -356,6 +356,8 @@ type boot struct {
 	// a VM that dies with requests in flight.
 	killOn    string
 	killAfter time.Duration
+	// onLine, when set, sees every console line as it arrives.
+	onLine func(line string)
 }
 
 // bootGuest boots the guest and collects the results of its checks.
@@ -404,6 +406,9 @@ func bootGuest(t *testing.T, b boot) *vm {
 				v.record(rest)
 			} else if len(v.recent) < 40 {
 				v.recent = append(v.recent, line)
+			}
+			if b.onLine != nil {
+				b.onLine(line)
 			}
 			if b.killOn != "" && line == b.killOn {
 				t.Logf("killing QEMU in %v", b.killAfter)
