@@ -162,7 +162,8 @@ type DiscardSegment struct {
 }
 
 // DiscardSegments decodes the segments of a DISCARD or WRITE_ZEROES request,
-// at most max of them, copying them out of guest memory first.
+// at most max of them, copying them out of guest memory first. It does not
+// change r.
 func (r *BlkRequest) DiscardSegments(dst []DiscardSegment, max int) ([]DiscardSegment, error) {
 	if r.OutLen == 0 || r.OutLen%discardSegSize != 0 {
 		return dst, fmt.Errorf("%w: discard payload of %d bytes", ErrBadRequest, r.OutLen)
@@ -171,10 +172,18 @@ func (r *BlkRequest) DiscardSegments(dst []DiscardSegment, max int) ([]DiscardSe
 	if n > uint64(max) {
 		return dst, fmt.Errorf("%w: %d discard segments, at most %d", ErrBadRequest, n, max)
 	}
-	bufs := r.Out
+	// Walk r.Out by index and offset: cutFront would trim r.Out[0] in
+	// place and leave the request consumed.
 	var raw [discardSegSize]byte
+	i, off := 0, 0
 	for range n {
-		bufs = cutFront(bufs, raw[:])
+		for got := 0; got < len(raw); {
+			c := copy(raw[got:], r.Out[i][off:])
+			got, off = got+c, off+c
+			if off == len(r.Out[i]) {
+				i, off = i+1, 0
+			}
+		}
 		dst = append(dst, DiscardSegment{
 			Sector:     binary.LittleEndian.Uint64(raw[0:]),
 			NumSectors: binary.LittleEndian.Uint32(raw[8:]),

@@ -30,14 +30,14 @@ func word(b []byte, off int) (*uint32, uint) {
 
 // load16 atomically reads the little-endian uint16 at b[off:].
 func load16(b []byte, off int) uint16 {
-	_ = b[off+1]
+	_ = b[off : off+2 : len(b)] // bounds check without a plain read, which would race with the CAS
 	w, shift := word(b, off)
 	return uint16(atomic.LoadUint32(w) >> shift)
 }
 
 // store16 atomically writes v as the little-endian uint16 at b[off:].
 func store16(b []byte, off int, v uint16) {
-	_ = b[off+1]
+	_ = b[off : off+2 : len(b)] // bounds check without a plain read, which would race with the CAS
 	w, shift := word(b, off)
 	mask := uint32(0xffff) << shift
 	for {
