@@ -5,10 +5,10 @@
 package crash
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"math"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 )
@@ -130,9 +130,13 @@ func SectorData(buf []byte, id, sector uint64) {
 		sec := sector + uint64(off/SectorSize)
 		binary.LittleEndian.PutUint64(s[0:], id)
 		binary.LittleEndian.PutUint64(s[8:], sec)
-		r := rand.NewPCG(id, sec)
+		x := id*0x9e3779b97f4a7c15 ^ sec
 		for i := 16; i < SectorSize; i += 8 {
-			binary.LittleEndian.PutUint64(s[i:], r.Uint64())
+			// splitmix64: cheap, and different for every (id, sector, word).
+			x += 0x9e3779b97f4a7c15
+			z := (x ^ x>>30) * 0xbf58476d1ce4e5b9
+			z = (z ^ z>>27) * 0x94d049bb133111eb
+			binary.LittleEndian.PutUint64(s[i:], z^z>>31)
 		}
 	}
 }
@@ -233,11 +237,6 @@ func Check(img []byte, writes []WriteRec, flushes []FlushRec, before, after int6
 	return bad
 }
 
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
+var zeroSector [SectorSize]byte
+
+func allZero(b []byte) bool { return bytes.Equal(b, zeroSector[:]) }

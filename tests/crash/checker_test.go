@@ -1,0 +1,283 @@
+package crash
+
+import (
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vublk/vublk/backend"
+	"github.com/vublk/vublk/vhostuser"
+	"github.com/vublk/vublk/vhostuser/frontend"
+	"github.com/vublk/vublk/virtio"
+)
+
+const (
+	diskSize  = 8 << 20 // small, so that random writes overlap often
+	maxSector = diskSize / SectorSize
+)
+
+// slowStore delays every write by a random few hundred microseconds, so that writes are still
+// running when flushes arrive: without it a barrier that syncs before draining would rarely have
+// anything to miss.
+type slowStore struct {
+	*backend.CrashStore
+}
+
+func (s slowStore) WriteAt(bufs [][]byte, off int64) error {
+	time.Sleep(time.Duration(rand.IntN(400)) * time.Microsecond)
+	return s.CrashStore.WriteAt(bufs, off)
+}
+
+// rig is the whole stack over a crashable store: a vhost-user server with a virtio-blk device on
+// an engine with lanes, and the test front-end connected to it through a unix socket.
+type rig struct {
+	store  *backend.CrashStore
+	engine *backend.Engine
+	dev    *frontend.Device
+	hist   *History
+	qmu    []sync.Mutex // orders History records with the available ring, per queue
+}
+
+type rigConfig struct {
+	lanes, queues int
+	// writeThrough: "config" exports with --write-cache writethrough; "wce" has the driver switch
+	// to write through via the config space; "" is write back.
+	writeThrough string
+	broken       bool // the barrier syncs before draining
+}
+
+func (c rigConfig) String() string {
+	s := fmt.Sprintf("lanes=%d/queues=%d", c.lanes, c.queues)
+	if c.writeThrough != "" {
+		s += "/writethrough-" + c.writeThrough
+	}
+	if c.broken {
+		s += "/sync-before-drain"
+	}
+	return s
+}
+
+func startRig(t *testing.T, c rigConfig) *rig {
+	t.Helper()
+	store := backend.NewCrashStore(diskSize)
+	engine := backend.NewEngine(slowStore{store}, c.lanes)
+	engine.Barrier().SetUnsafeSyncBeforeDrain(c.broken)
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{
+		Capacity: diskSize, BlockSize: 512, PhysicalBlockSize: 512, NumQueues: uint16(c.queues),
+		Serial: "crash", Writeback: c.writeThrough != "config", Discard: true,
+	}, log.WithField("export", "crash"))
+	srv := vhostuser.NewServer(dev, c.queues, log.WithField("export", "crash"))
+	sock := filepath.Join(t.TempDir(), "crash.sock")
+	ln, err := vhostuser.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() { srv.Serve(ln); close(served) }()
+	fd, err := frontend.Connect(sock, frontend.Options{NumQueues: c.queues, QueueSize: 128, EventIdx: true, MemSize: 128 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.writeThrough == "wce" {
+		if err := fd.SetWriteback(false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg, err := fd.Config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Writeback != (c.writeThrough == "") {
+		t.Fatalf("config writeback = %v for %v", cfg.Writeback, c)
+	}
+	r := &rig{store: store, engine: engine, dev: fd, hist: NewHistory(), qmu: make([]sync.Mutex, c.queues)}
+	t.Cleanup(func() {
+		fd.Close()
+		srv.Close()
+		<-served
+		engine.Close()
+	})
+	return r
+}
+
+// write submits one write of random data on queue q, recording it in the history in the order
+// it enters the available ring.
+func (r *rig) write(q int, sector, sectors uint64) (*frontend.Pending, error) {
+	buf := make([]byte, sectors*SectorSize)
+	r.qmu[q].Lock()
+	defer r.qmu[q].Unlock()
+	w := r.hist.StartWrite(q, sector, sectors)
+	SectorData(buf, w.ID, sector)
+	return r.dev.Queue(q).Submit(frontend.Request{Type: virtio.BlkTOut, Sector: sector, Out: buf,
+		OnComplete: func(res frontend.Result) {
+			if res.Err == nil {
+				r.hist.WriteDone(w)
+			}
+		}})
+}
+
+func (r *rig) flush(q int) (*frontend.Pending, error) {
+	r.qmu[q].Lock()
+	defer r.qmu[q].Unlock()
+	f := r.hist.StartFlush(q)
+	return r.dev.Queue(q).Submit(frontend.Request{Type: virtio.BlkTFlush,
+		OnComplete: func(res frontend.Result) { r.hist.FlushDone(f, res.Err == nil) }})
+}
+
+func (r *rig) read(q int, sector, sectors uint64) (*frontend.Pending, error) {
+	r.qmu[q].Lock()
+	defer r.qmu[q].Unlock()
+	r.hist.SkipQueueSlot(q)
+	return r.dev.Queue(q).Submit(frontend.ReadRequest(sector, int(sectors*SectorSize)))
+}
+
+// randomSectors picks a request of 512 B to 1 MiB, mostly small, anywhere on the disk.
+func randomSectors(rng *rand.Rand) (sector, sectors uint64) {
+	sectors = 1 + rng.Uint64N(1<<rng.IntN(12)) // 1..2048 sectors, log-uniform
+	sector = rng.Uint64N(maxSector - sectors + 1)
+	return sector, sectors
+}
+
+// crashRun drives random concurrent I/O from several goroutines and takes up to crashPoints crash
+// images while it runs (stopping at the first bad one if untilBad); it returns the number of crash
+// points taken, how many had violations, and the first violations seen.
+func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad bool) (points, bad int, examples []string, ops int64) {
+	r := startRig(t, c)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var nops atomic.Int64
+	var ioErr atomic.Value
+	workers := 2 * c.queues
+	if workers < 4 {
+		workers = 4
+	}
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(seed, uint64(w)))
+			var inflight []*frontend.Pending
+			for {
+				select {
+				case <-stop:
+					for _, p := range inflight {
+						p.Wait()
+					}
+					return
+				default:
+				}
+				q := rng.IntN(c.queues)
+				var p *frontend.Pending
+				var err error
+				sector, sectors := randomSectors(rng)
+				switch k := rng.IntN(100); {
+				case k < 70:
+					p, err = r.write(q, sector, sectors)
+				case k < 88:
+					p, err = r.read(q, sector, sectors)
+				default:
+					p, err = r.flush(q)
+				}
+				if err != nil {
+					ioErr.Store(err)
+					return
+				}
+				nops.Add(1)
+				inflight = append(inflight, p)
+				// Keep up to 6 requests in flight per goroutine; wait for the oldest beyond that.
+				if len(inflight) > 6 || rng.IntN(8) == 0 {
+					res := inflight[0].Wait()
+					inflight = inflight[1:]
+					if res.Err != nil {
+						ioErr.Store(res.Err)
+						return
+					}
+				}
+			}
+		}(w)
+	}
+	crng := rand.New(rand.NewPCG(seed, 1<<32))
+	wt := c.writeThrough != ""
+	for points < crashPoints && (bad == 0 || !untilBad) {
+		points++
+		time.Sleep(time.Duration(2000+crng.IntN(8000)) * time.Microsecond)
+		before := r.hist.Now()
+		img := r.store.Crash(crng)
+		after := r.hist.Now()
+		writes, flushes := r.hist.Snapshot()
+		if v := Check(img, writes, flushes, before, after, wt); len(v) > 0 {
+			bad++
+			if len(examples) < 3 {
+				examples = append(examples, fmt.Sprintf("crash point %d: %d bad sectors, first %v", points, len(v), v[0]))
+			}
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if err := ioErr.Load(); err != nil {
+		t.Fatalf("%v: I/O failed: %v", c, err)
+	}
+	// The store must have seen the flushes: a run without syncs would prove nothing in write-back.
+	if r.store.Syncs() == 0 {
+		t.Fatalf("%v: no sync reached the store", c)
+	}
+	return points, bad, examples, nops.Load()
+}
+
+// TestCrashConsistency is the randomized crash checker: at least 200 crash points across lane
+// counts 1, 2, 8 and queue counts 1, 2, 4 in write-back mode, plus write-through by config and
+// by the driver's WCE switch. No crash image may lose a write that a completed flush covered.
+func TestCrashConsistency(t *testing.T) {
+	perConfig := 20
+	if testing.Short() {
+		perConfig = 4
+	}
+	var configs []rigConfig
+	for _, lanes := range []int{1, 2, 8} {
+		for _, queues := range []int{1, 2, 4} {
+			configs = append(configs, rigConfig{lanes: lanes, queues: queues})
+		}
+	}
+	for _, wt := range []string{"config", "wce"} {
+		configs = append(configs, rigConfig{lanes: 2, queues: 2, writeThrough: wt}, rigConfig{lanes: 8, queues: 4, writeThrough: wt})
+	}
+	total, totalOps := 0, int64(0)
+	start := time.Now()
+	for i, c := range configs {
+		t.Run(c.String(), func(t *testing.T) {
+			_, bad, examples, ops := crashRun(t, c, uint64(i+1), perConfig, false)
+			total += perConfig
+			totalOps += ops
+			if bad > 0 {
+				t.Errorf("%d of %d crash images lost acknowledged data: %v", bad, perConfig, examples)
+			}
+		})
+	}
+	t.Logf("checked %d crash points in %d configurations (%d requests) in %v", total, len(configs), totalOps, time.Since(start).Round(time.Millisecond))
+}
+
+// TestCrashCheckerCatchesSyncBeforeDrain runs the same checker against a barrier that syncs
+// before draining (the loop-driver bug) until a crash image shows it: it must be caught.
+// A random crash point catches it only when it falls between such a flush and the next sync and
+// the crash drops a write the flush should have covered, so it takes some tens of points.
+func TestCrashCheckerCatchesSyncBeforeDrain(t *testing.T) {
+	const maxPoints = 600
+	for i, c := range []rigConfig{{lanes: 8, queues: 4, broken: true}, {lanes: 2, queues: 1, broken: true}} {
+		t.Run(c.String(), func(t *testing.T) {
+			points, bad, examples, _ := crashRun(t, c, uint64(100+i), maxPoints, true)
+			if bad == 0 {
+				t.Fatalf("a barrier that syncs before draining passed %d crash points", points)
+			}
+			t.Logf("caught after %d crash points: %s", points, examples[0])
+		})
+	}
+}
