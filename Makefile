@@ -12,7 +12,7 @@ SIZE ?= 1G
 FUZZTIME ?= 60s
 FUZZ_PKGS := ./virtio ./vhostuser
 
-.PHONY: all build deps run test check unit e2e fuzz clean
+.PHONY: all build deps run test check unit crash e2e fuzz clean
 
 all: build
 
@@ -44,13 +44,18 @@ check:
 
 # Unit and table tests with the race detector; fuzz targets run their seed corpus.
 unit:
-	$(GO) test -race -count=1 -timeout 10m ./...
+	$(GO) test -race -count=1 -timeout 10m $$($(GO) list ./... | grep -v /tests/crash)
+
+# The randomized crash checker (prints how many crash points it checked, and that a barrier
+# that syncs before draining is caught).
+crash:
+	$(GO) test -race -count=1 -timeout 10m -v ./tests/crash/ | grep -E '^(=== RUN|---|\s+---|ok|FAIL|PASS)|checked|caught|lost'; exit $${PIPESTATUS[0]}
 
 # End-to-end tests against real QEMU with a Linux guest (needs make deps).
 e2e:
 	$(GO) test -tags e2e -count=1 -v -timeout 20m ./tests/e2e/
 
-test: deps check unit e2e
+test: deps check unit crash e2e
 
 # Run every fuzz target for FUZZTIME each.
 fuzz:
