@@ -201,7 +201,7 @@ func (q *SplitQueue) NeedInterrupt() bool {
 }
 
 // needEvent is vring_need_event of the virtio spec: whether event lies in
-// (old, now].
+// [old, now), i.e. the used entry at index event was written since old.
 func needEvent(event, now, old uint16) bool {
 	return now-event-1 < now-old
 }
