@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -29,7 +30,7 @@ type FileOptions struct {
 type FileStore struct {
 	f        *os.File
 	fd       int
-	size     int64
+	size     atomic.Int64 // changes with Resize
 	readOnly bool
 	block    bool
 	blkSize  int // physical block size hint (file system block or device physical sector)
@@ -89,18 +90,18 @@ func (s *FileStore) init(path string, opt FileOptions, created bool) error {
 		if err != nil {
 			return fmt.Errorf("size of block device %s: %w", path, err)
 		}
-		s.size = end
+		s.size.Store(end)
 		if pbs, err := unix.IoctlGetInt(s.fd, unix.BLKPBSZGET); err == nil {
 			s.blkSize = pbs
 		}
 	case unix.S_IFREG:
-		s.size = st.Size
+		s.size.Store(st.Size)
 		s.blkSize = int(st.Blksize)
 		if created || (opt.Resize && opt.CreateSize > 0 && opt.CreateSize != st.Size) {
 			if err := s.f.Truncate(opt.CreateSize); err != nil {
 				return fmt.Errorf("set size of %s: %w", path, err)
 			}
-			s.size = opt.CreateSize
+			s.size.Store(opt.CreateSize)
 		}
 	default:
 		return fmt.Errorf("open %s: not a regular file or block device", path)
@@ -109,7 +110,33 @@ func (s *FileStore) init(path string, opt FileOptions, created bool) error {
 }
 
 // Size implements Store.
-func (s *FileStore) Size() int64 { return s.size }
+func (s *FileStore) Size() int64 { return s.size.Load() }
+
+// Resize changes the store's size to size, live. A writable regular file is
+// truncated or extended (sparse). A block device or a read-only file cannot
+// be resized from here: its current size is read again (it may have been
+// grown underneath, e.g. lvextend), and size must fit in it.
+func (s *FileStore) Resize(size int64) error {
+	if size <= 0 {
+		return fmt.Errorf("resize to %d bytes: %w", size, ErrOutOfRange)
+	}
+	if !s.block && !s.readOnly {
+		if err := s.f.Truncate(size); err != nil {
+			return fmt.Errorf("resize %s: %w", s.f.Name(), err)
+		}
+		s.size.Store(size)
+		return nil
+	}
+	end, err := s.f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return fmt.Errorf("size of %s: %w", s.f.Name(), err)
+	}
+	if size > end {
+		return fmt.Errorf("resize %s to %d bytes: it has %d: %w", s.f.Name(), size, end, ErrOutOfRange)
+	}
+	s.size.Store(size)
+	return nil
+}
 
 // IsBlockDevice reports whether the store is a raw block device.
 func (s *FileStore) IsBlockDevice() bool { return s.block }
@@ -122,8 +149,9 @@ func (s *FileStore) PhysicalBlockSize() int { return s.blkSize }
 func (s *FileStore) ReadOnly() bool { return s.readOnly }
 
 func (s *FileStore) check(off, n int64) error {
-	if off < 0 || n < 0 || off > s.size || n > s.size-off {
-		return fmt.Errorf("%w: offset %d length %d size %d", ErrOutOfRange, off, n, s.size)
+	size := s.size.Load()
+	if off < 0 || n < 0 || off > size || n > size-off {
+		return fmt.Errorf("%w: offset %d length %d size %d", ErrOutOfRange, off, n, size)
 	}
 	return nil
 }

@@ -207,3 +207,49 @@ func TestAdvance(t *testing.T) {
 		t.Fatalf("advance all: %v", got)
 	}
 }
+
+func TestFileResize(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "disk.img")
+	s, err := OpenFile(path, FileOptions{CreateSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	buf := []byte("beyond the old end")
+	if err := s.WriteAt([][]byte{buf}, 2<<20); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("write beyond the end: %v, want ErrOutOfRange", err)
+	}
+	if err := s.Resize(4 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if s.Size() != 4<<20 {
+		t.Fatalf("size %d after growing", s.Size())
+	}
+	if fi, _ := os.Stat(path); fi.Size() != 4<<20 {
+		t.Fatalf("file size %d after growing", fi.Size())
+	}
+	if err := s.WriteAt([][]byte{buf}, 2<<20); err != nil {
+		t.Fatalf("write in the grown part: %v", err)
+	}
+	if err := s.Resize(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.ReadAt([][]byte{make([]byte, 512)}, 2<<20); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("read beyond the shrunk end: %v", err)
+	}
+	if err := s.Resize(0); err == nil {
+		t.Fatal("resize to 0 accepted")
+	}
+
+	ro, err := OpenFile(path, FileOptions{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if err := ro.Resize(8 << 20); !errors.Is(err, ErrOutOfRange) {
+		t.Fatalf("growing a read-only file past its end: %v", err)
+	}
+	if err := ro.Resize(512 << 10); err != nil || ro.Size() != 512<<10 {
+		t.Fatalf("shrinking the read-only view: %v, size %d", err, ro.Size())
+	}
+}

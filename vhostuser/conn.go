@@ -43,6 +43,7 @@ type conn struct {
 	regions  []*mappedRegion
 	mem      *virtio.GuestMemory
 	rings    []*vring
+	backend  backendChannel // SET_BACKEND_REQ_FD: for config change notifications
 }
 
 func newConn(sock *net.UnixConn, dev Device, numQueues int, log *logrus.Entry) *conn {
@@ -121,7 +122,7 @@ func noFds(m *Message) error { return m.wantFds(0) }
 // asked for.
 func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 	switch m.Request {
-	case SetMemTable, AddMemReg, RemMemReg, SetVringKick, SetVringCall, SetVringErr:
+	case SetMemTable, AddMemReg, RemMemReg, SetVringKick, SetVringCall, SetVringErr, SetBackendReqFd:
 		// these check their descriptors themselves
 	default:
 		if err := noFds(m); err != nil {
@@ -201,6 +202,17 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 		data := c.dev.ReadConfig(cfg.Offset, cfg.Size)
 		p := slices.Clone(m.Payload[:12])
 		return append(p, data...), true, nil
+	case SetBackendReqFd:
+		if err := m.wantFds(1); err != nil {
+			return nil, false, err
+		}
+		if len(m.Payload) != 0 && len(m.Payload) != 8 { // QEMU sends a u64 of zero
+			return nil, false, m.wantSize(0)
+		}
+		if c.protocol&(1<<ProtocolFBackendReq) == 0 {
+			return nil, false, fmt.Errorf("%w: SET_BACKEND_REQ_FD without VHOST_USER_PROTOCOL_F_BACKEND_REQ", ErrProtocol)
+		}
+		return nil, false, c.backend.set(m.TakeFd(0), c.protocol&(1<<ProtocolFReplyAck) != 0)
 	case SetConfig:
 		cfg, err := m.Config()
 		if err != nil {
@@ -556,5 +568,6 @@ func (c *conn) cleanup() {
 	}
 	unmapAll(c.regions)
 	c.regions, c.mem = nil, nil
+	c.backend.close()
 	c.sock.Close()
 }

@@ -65,6 +65,7 @@ type Server struct {
 	mu     sync.Mutex
 	ln     *net.UnixListener
 	cur    *net.UnixConn
+	cc     *conn // the connection being served, for NotifyConfigChange
 	closed bool
 	done   chan struct{}
 	conns  int
@@ -112,12 +113,31 @@ func (s *Server) Serve(ln *net.UnixListener) error {
 
 		log := s.log.WithField("conn", id)
 		log.Info("front-end connected")
-		newConn(sock, s.dev, s.numQueues, log).serve()
+		c := newConn(sock, s.dev, s.numQueues, log)
+		s.mu.Lock()
+		s.cc = c
+		s.mu.Unlock()
+		c.serve()
 
 		s.mu.Lock()
-		s.cur = nil
+		s.cur, s.cc = nil, nil
 		s.mu.Unlock()
 	}
+}
+
+// NotifyConfigChange tells the connected front-end that the device's config
+// space changed (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG), so that it re-reads it
+// and notifies the guest: a resized disk. With no front-end connected it does
+// nothing (the next one reads the new config); a front-end without a back-end
+// request channel gives ErrNoBackendChannel.
+func (s *Server) NotifyConfigChange() error {
+	s.mu.Lock()
+	c := s.cc
+	s.mu.Unlock()
+	if c == nil {
+		return nil
+	}
+	return c.backend.send(backendConfigChangeMsg)
 }
 
 // Close stops accepting, disconnects the current front-end, and waits until

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/sirupsen/logrus"
 
@@ -44,6 +45,8 @@ type BlkDevice struct {
 	features  uint64 // acknowledged by the driver
 	writeback bool   // current cache mode as the guest sees it
 
+	capacity atomic.Uint64 // bytes; changes with SetCapacity (a live resize)
+
 	pool sync.Pool
 }
 
@@ -53,13 +56,26 @@ func NewBlkDevice(engine *backend.Engine, cfg BlkConfig, log *logrus.Entry) *Blk
 		cfg.BlockSize = SectorSize
 	}
 	d := &BlkDevice{engine: engine, cfg: cfg, log: log, glog: newGuestLog(log), writeback: cfg.Writeback}
+	d.capacity.Store(cfg.Capacity)
 	d.pool.New = func() any { return &blkReq{dev: d} }
 	engine.SetWriteThrough(!cfg.Writeback)
 	return d
 }
 
 // Config returns the device's configuration.
-func (d *BlkDevice) Config() BlkConfig { return d.cfg }
+func (d *BlkDevice) Config() BlkConfig {
+	cfg := d.cfg
+	cfg.Capacity = d.capacity.Load()
+	return cfg
+}
+
+// SetCapacity changes the disk size the guest sees (a live resize): requests
+// are checked against it from now on, and the config space shows it. The
+// caller resizes the store first when growing, and tells the front-end
+// (vhostuser.Server.NotifyConfigChange) so that the guest re-reads it.
+func (d *BlkDevice) SetCapacity(bytes uint64) {
+	d.capacity.Store(bytes / uint64(d.cfg.BlockSize) * uint64(d.cfg.BlockSize))
+}
 
 // Engine returns the backend engine.
 func (d *BlkDevice) Engine() *backend.Engine { return d.engine }
@@ -82,7 +98,9 @@ func (d *BlkDevice) SetFeatures(f uint64) {
 // beyond the structure read as zero.
 func (d *BlkDevice) ReadConfig(off, n uint32) []byte {
 	d.mu.Lock()
-	space := d.cfg.space(d.writeback)
+	cfg := d.cfg
+	cfg.Capacity = d.capacity.Load()
+	space := cfg.space(d.writeback)
 	d.mu.Unlock()
 	out := make([]byte, n)
 	if off < uint32(len(space)) {
@@ -201,7 +219,7 @@ func (d *BlkDevice) start(q *Queue, head uint16) error {
 // checkRange validates a byte range given in 512-byte sectors against the
 // capacity and the logical block size.
 func (d *BlkDevice) checkRange(sector, bytes uint64) error {
-	capSectors := d.cfg.Capacity / SectorSize
+	capSectors := d.capacity.Load() / SectorSize
 	lbs := uint64(d.cfg.BlockSize)
 	switch {
 	case sector > capSectors || bytes/SectorSize > capSectors-sector:
