@@ -8,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -17,8 +16,6 @@ import (
 
 	"github.com/sirupsen/logrus"
 
-	"github.com/vublk/vublk/backend"
-	"github.com/vublk/vublk/vhostuser"
 	"github.com/vublk/vublk/virtio"
 )
 
@@ -216,92 +213,35 @@ func newLogger(level, format string, w io.Writer) (*logrus.Logger, error) {
 	return log, nil
 }
 
+// runExport serves one export from flags until SIGINT or SIGTERM.
 func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
-	log := logger.WithField("export", o.name)
-	store, err := backend.OpenFile(o.blkFile, backend.FileOptions{ReadOnly: o.readOnly, CreateSize: size, Resize: o.resize})
-	if err != nil {
-		log.WithError(err).Error("cannot open the backing file")
-		return exitUsage
-	}
-	if size > 0 && store.Size() != size {
-		log.WithFields(logrus.Fields{"file_size": store.Size(), "size": size}).
-			Warn("--size differs from the existing file's size; keeping the file's size (use --resize to change it)")
-	}
-	capacity := store.Size() / int64(o.blockSize) * int64(o.blockSize)
-	var st backend.Store = store
-	if o.writeLog != "" {
-		ls, err := backend.NewLoggingStore(store, o.writeLog)
-		if err != nil {
-			log.WithError(err).Error("cannot create the write log")
-			store.Close()
-			return exitUsage
-		}
-		st = ls
-	}
-	engine := backend.NewEngine(st, o.lanes)
-	cfg := virtio.BlkConfig{
-		Capacity:          uint64(capacity),
-		BlockSize:         uint32(o.blockSize),
-		PhysicalBlockSize: uint32(store.PhysicalBlockSize()),
-		NumQueues:         uint16(o.numQueues),
-		ReadOnly:          o.readOnly,
-		Serial:            o.serial,
-		Writeback:         o.writeCache == "writeback",
-		Discard:           !o.noDiscard && !o.readOnly,
-	}
-	dev := virtio.NewBlkDevice(engine, cfg, log)
-
 	// Take over SIGINT and SIGTERM before announcing readiness: from "export ready" on, a signal
 	// means drain, sync and exit 0.
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
-
-	var ln *net.UnixListener
-	if o.fd >= 0 {
-		ln, err = vhostuser.ListenFD(o.fd)
-	} else {
-		ln, err = vhostuser.Listen(o.socketPath)
-	}
+	e, err := startExport(exportSpec{
+		name: o.name, socketPath: o.socketPath, fd: o.fd, file: o.blkFile, size: size, resize: o.resize,
+		readOnly: o.readOnly, numQueues: o.numQueues, lanes: o.lanes, serial: o.serial,
+		writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard,
+		writeLog: o.writeLog, socketUID: -1, socketGID: -1,
+	}, logger)
 	if err != nil {
-		log.WithError(err).Error("cannot listen")
-		engine.Close()
-		st.Close()
+		logger.WithError(err).Error("cannot start the export")
 		return exitUsage
 	}
-	srv := vhostuser.NewServer(dev, o.numQueues, log)
-	log.WithFields(logrus.Fields{
-		"socket": ln.Addr().String(), "file": o.blkFile, "size": capacity, "read_only": o.readOnly,
-		"lanes": o.lanes, "num_queues": o.numQueues, "write_cache": o.writeCache, "serial": o.serial,
-	}).Info("export ready")
-
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-
 	code := 0
 	select {
 	case sig := <-sigs:
-		log.WithField("signal", sig.String()).Info("stopping: draining requests and syncing")
-	case err := <-serveErr:
+		e.log.WithField("signal", sig.String()).Info("stopping: draining requests and syncing")
+	case err := <-e.served:
 		if err != nil {
-			log.WithError(err).Error("server failed")
+			e.log.WithError(err).Error("server failed")
 			code = 1
 		}
 	}
-	srv.Close()
-	if err := engine.Close(); err != nil {
-		log.WithError(err).Error("final flush failed: data may not be durable")
+	if err := e.stop(); err != nil {
 		code = 1
 	}
-	if err := st.Close(); err != nil && code == 0 {
-		log.WithError(err).Error("closing the backing file")
-		code = 1
-	}
-	stats := engine.Stats.Snapshot()
-	log.WithFields(logrus.Fields{
-		"reads": stats.Reads, "writes": stats.Writes, "flushes": stats.Flushes, "discards": stats.Discards,
-		"write_zeroes": stats.WriteZeroes, "bytes_read": stats.BytesRead, "bytes_written": stats.BytesWritten,
-		"errors": stats.Errors, "flush_errors": stats.FlushErrors,
-	}).Info("export stopped")
 	return code
 }

@@ -1,0 +1,180 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/vublk/vublk/backend"
+	"github.com/vublk/vublk/vhostuser"
+	"github.com/vublk/vublk/virtio"
+)
+
+// exportSpec is one export's validated settings, from flags or a config file.
+type exportSpec struct {
+	name       string
+	socketPath string // or fd >= 0
+	fd         int
+	file       string
+	size       int64 // create (or, with resize, set) the file at this size; 0: keep
+	resize     bool
+	readOnly   bool
+	numQueues  int
+	lanes      int
+	serial     string
+	writeback  bool
+	blockSize  int
+	discard    bool
+	writeLog   string
+	// Socket ownership and mode, so that QEMU running as another user (libvirt's) can connect;
+	// -1 and 0 leave them as they are.
+	socketUID, socketGID int
+	socketMode           os.FileMode
+}
+
+// export is one running disk: file store, engine with its lanes, virtio-blk device and
+// vhost-user server on its socket. Exports are independent of each other.
+type export struct {
+	spec   exportSpec
+	log    *logrus.Entry
+	file   *backend.FileStore
+	store  backend.Store // file, or the write log around it
+	engine *backend.Engine
+	dev    *virtio.BlkDevice
+	srv    *vhostuser.Server
+	served chan error // Serve's result
+}
+
+// startExport opens the backing file, starts the lanes, listens on the socket and serves.
+func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
+	e := &export{spec: spec, log: logger.WithField("export", spec.name), served: make(chan error, 1)}
+	file, err := backend.OpenFile(spec.file, backend.FileOptions{ReadOnly: spec.readOnly, CreateSize: spec.size, Resize: spec.resize})
+	if err != nil {
+		return nil, fmt.Errorf("export %s: %w", spec.name, err)
+	}
+	e.file, e.store = file, file
+	if spec.size > 0 && file.Size() != spec.size {
+		e.log.WithFields(logrus.Fields{"file_size": file.Size(), "size": spec.size}).
+			Warn("the configured size differs from the existing file's size; keeping the file's size (use --resize, or resize = true in the config, to change it)")
+	}
+	if spec.writeLog != "" {
+		ls, err := backend.NewLoggingStore(file, spec.writeLog)
+		if err != nil {
+			file.Close()
+			return nil, fmt.Errorf("export %s: write log: %w", spec.name, err)
+		}
+		e.store = ls
+	}
+	e.engine = backend.NewEngine(e.store, spec.lanes)
+	capacity := file.Size() / int64(spec.blockSize) * int64(spec.blockSize)
+	e.dev = virtio.NewBlkDevice(e.engine, virtio.BlkConfig{
+		Capacity:          uint64(capacity),
+		BlockSize:         uint32(spec.blockSize),
+		PhysicalBlockSize: uint32(file.PhysicalBlockSize()),
+		NumQueues:         uint16(spec.numQueues),
+		ReadOnly:          spec.readOnly,
+		Serial:            spec.serial,
+		Writeback:         spec.writeback,
+		Discard:           spec.discard && !spec.readOnly,
+	}, e.log)
+
+	var ln *net.UnixListener
+	if spec.fd >= 0 {
+		ln, err = vhostuser.ListenFD(spec.fd)
+	} else {
+		ln, err = vhostuser.Listen(spec.socketPath)
+		if err == nil {
+			err = setSocketAccess(spec)
+			if err != nil {
+				ln.Close()
+			}
+		}
+	}
+	if err != nil {
+		e.engine.Close()
+		e.store.Close()
+		return nil, fmt.Errorf("export %s: %w", spec.name, err)
+	}
+	e.srv = vhostuser.NewServer(e.dev, spec.numQueues, e.log)
+	go func() { e.served <- e.srv.Serve(ln) }()
+	mode := "writethrough"
+	if spec.writeback {
+		mode = "writeback"
+	}
+	e.log.WithFields(logrus.Fields{
+		"socket": ln.Addr().String(), "file": spec.file, "size": capacity, "read_only": spec.readOnly,
+		"lanes": spec.lanes, "num_queues": spec.numQueues, "write_cache": mode, "serial": spec.serial,
+	}).Info("export ready")
+	return e, nil
+}
+
+// setSocketAccess applies the socket's owner, group and mode.
+func setSocketAccess(spec exportSpec) error {
+	if spec.socketUID >= 0 || spec.socketGID >= 0 {
+		if err := os.Lchown(spec.socketPath, spec.socketUID, spec.socketGID); err != nil {
+			return fmt.Errorf("socket owner: %w", err)
+		}
+	}
+	if spec.socketMode != 0 {
+		if err := os.Chmod(spec.socketPath, spec.socketMode); err != nil {
+			return fmt.Errorf("socket mode: %w", err)
+		}
+	}
+	return nil
+}
+
+// stop disconnects the front-end, drains every request, syncs and closes the file, and logs
+// the export's counters. An error means the final sync failed or the file did not close.
+func (e *export) stop() error {
+	e.srv.Close()
+	var errs []error
+	if err := e.engine.Close(); err != nil {
+		e.log.WithError(err).Error("final flush failed: data may not be durable")
+		errs = append(errs, err)
+	}
+	if err := e.store.Close(); err != nil {
+		e.log.WithError(err).Error("closing the backing file")
+		errs = append(errs, err)
+	}
+	stats := e.engine.Stats.Snapshot()
+	e.log.WithFields(logrus.Fields{
+		"reads": stats.Reads, "writes": stats.Writes, "flushes": stats.Flushes, "discards": stats.Discards,
+		"write_zeroes": stats.WriteZeroes, "bytes_read": stats.BytesRead, "bytes_written": stats.BytesWritten,
+		"errors": stats.Errors, "flush_errors": stats.FlushErrors,
+	}).Info("export stopped")
+	return errors.Join(errs...)
+}
+
+// resize changes the disk's size live: the file first (growing), then what the guest may
+// address, then the front-end is told to re-read the config space so the guest sees it.
+func (e *export) resize(size int64) error {
+	capacity := size / int64(e.spec.blockSize) * int64(e.spec.blockSize)
+	old := int64(e.dev.Config().Capacity)
+	if capacity == old {
+		return nil
+	}
+	if capacity > old {
+		if err := e.file.Resize(size); err != nil {
+			return err
+		}
+		e.dev.SetCapacity(uint64(capacity))
+	} else {
+		// Shrinking: stop accepting requests beyond the new end before the file shrinks.
+		e.dev.SetCapacity(uint64(capacity))
+		if err := e.file.Resize(size); err != nil {
+			e.dev.SetCapacity(uint64(old))
+			return err
+		}
+	}
+	e.spec.size = size
+	log := e.log.WithFields(logrus.Fields{"old_size": old, "size": capacity})
+	if err := e.srv.NotifyConfigChange(); err != nil {
+		log.WithError(err).Warn("resized, but the front-end was not notified: the guest sees the new size after it reconnects")
+		return nil
+	}
+	log.Info("export resized")
+	return nil
+}
