@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"syscall"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/sirupsen/logrus"
 
 	"github.com/vublk/vublk/virtio"
@@ -230,6 +231,7 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 		logger.WithError(err).Error("cannot start the export")
 		return exitUsage
 	}
+	notifySystemd(logger, daemon.SdNotifyReady)
 	code := 0
 	select {
 	case sig := <-sigs:
@@ -240,6 +242,7 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 			code = 1
 		}
 	}
+	notifySystemd(logger, daemon.SdNotifyStopping)
 	if err := e.stop(); err != nil {
 		code = 1
 	}

@@ -269,3 +269,36 @@ func TestExistingFileKeepsItsSize(t *testing.T) {
 		t.Errorf("no warning about --size differing from the file:\n%s", logs.String())
 	}
 }
+
+func TestSystemdNotify(t *testing.T) {
+	bin := binary(t)
+	dir := t.TempDir()
+	notify := filepath.Join(dir, "notify")
+	nc, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	cmd := exec.Command(bin, "serve", "--socket-path", filepath.Join(dir, "s"), "--blk-file", filepath.Join(dir, "d.img"), "--size", "1M")
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
+	logs, wait := started(t, cmd)
+	read := func() string {
+		nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+		buf := make([]byte, 256)
+		n, err := nc.Read(buf)
+		if err != nil {
+			t.Fatalf("no systemd notification: %v\n%s", err, logs.String())
+		}
+		return string(buf[:n])
+	}
+	if got := read(); got != "READY=1" {
+		t.Fatalf("first notification %q, want READY=1", got)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if got := read(); got != "STOPPING=1" {
+		t.Fatalf("notification on SIGTERM %q, want STOPPING=1", got)
+	}
+	if err := wait(); err != nil {
+		t.Fatal(err)
+	}
+}
