@@ -12,7 +12,7 @@ SIZE ?= 1G
 FUZZTIME ?= 60s
 FUZZ_PKGS := ./virtio ./vhostuser
 
-.PHONY: all build deps run test check unit crash e2e fuzz clean
+.PHONY: all build deps run test check unit crash e2e fuzz install clean
 
 all: build
 
@@ -65,6 +65,23 @@ fuzz:
 	    $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) $$pkg; \
 	  done; \
 	done
+
+# Install the binary, the systemd unit, the example config (not over an existing one) and the
+# vhost-user back-end description QEMU and libvirt look for. DESTDIR stages into a directory.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(SYSCONFDIR)/systemd/system
+VHOSTUSERDIR ?= /usr/share/qemu/vhost-user
+
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/vublk
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(VHOSTUSERDIR) $(DESTDIR)$(SYSCONFDIR)/vublk
+	sed 's|@BINDIR@|$(BINDIR)|g' dist/vublk.service.in > $(DESTDIR)$(UNITDIR)/vublk.service
+	sed 's|@BINDIR@|$(BINDIR)|g' dist/50-vublk.json.in > $(DESTDIR)$(VHOSTUSERDIR)/50-vublk.json
+	chmod 0644 $(DESTDIR)$(UNITDIR)/vublk.service $(DESTDIR)$(VHOSTUSERDIR)/50-vublk.json
+	test -e $(DESTDIR)$(SYSCONFDIR)/vublk/vublk.toml || install -m 0644 examples/vublk.toml $(DESTDIR)$(SYSCONFDIR)/vublk/vublk.toml
+	@echo "Installed. Edit $(SYSCONFDIR)/vublk/vublk.toml, then: systemctl daemon-reload && systemctl enable --now vublk"
 
 clean:
 	rm -rf bin

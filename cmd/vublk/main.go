@@ -32,6 +32,7 @@ const usage = `vublk: a vhost-user-blk back-end serving a file or block device t
 Usage:
   vublk serve --socket-path PATH --blk-file PATH [options]
   vublk serve --fd N --blk-file PATH [options]
+  vublk serve --config FILE
   vublk replay --log PATH [--base IMAGE] --out IMAGE [--mark N] [--crash --seed S]
   vublk --print-capabilities
   vublk help
@@ -70,6 +71,7 @@ var capabilities = struct {
 }{"block", []string{"read-only", "blk-file"}}
 
 type serveOptions struct {
+	config     string
 	socketPath string
 	fd         int
 	blkFile    string
@@ -92,6 +94,7 @@ type serveOptions struct {
 func serve(args []string, stdout, stderr io.Writer) int {
 	var o serveOptions
 	fs := flag.NewFlagSet("vublk serve", flag.ContinueOnError)
+	fs.StringVar(&o.config, "config", "", "serve every export of this TOML file (SIGHUP reloads it); replaces the per-export flags")
 	fs.StringVar(&o.socketPath, "socket-path", "", "unix socket to listen on for the vhost-user front-end (QEMU)")
 	fs.IntVar(&o.fd, "fd", -1, "inherited listening unix socket descriptor, instead of --socket-path")
 	fs.StringVar(&o.blkFile, "blk-file", "", "file or block device to export")
@@ -123,6 +126,12 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	}
 	if fs.NArg() > 0 {
 		return fail("unexpected argument %q", fs.Arg(0))
+	}
+	if o.config != "" {
+		if o.blkFile != "" || o.socketPath != "" || o.fd >= 0 {
+			return fail("--config cannot be combined with --blk-file, --socket-path or --fd: put the export in the file")
+		}
+		return serveConfig(o.config, stderr)
 	}
 	log, err := newLogger(o.logLevel, o.logFormat, stderr)
 	if err != nil {
