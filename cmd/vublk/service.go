@@ -4,16 +4,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/signal"
-	"sort"
+	"slices"
 	"sync"
 	"syscall"
 
 	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 
 	"github.com/vublk/vublk/config"
+	"github.com/vublk/vublk/metrics"
 )
 
 // service runs every export of a configuration file. Exports are independent: one that fails
@@ -23,6 +26,10 @@ type service struct {
 	log     *logrus.Logger
 	cfg     *config.Config
 	exports map[string]*export
+	// Metrics, when the configuration gives an address: one registry for every export.
+	reg     *prometheus.Registry
+	metrics *metrics.Server
+	mx      map[string]*metrics.Exporter
 }
 
 // serveConfig is `vublk serve --config FILE`: start every export, then SIGHUP reloads the file
@@ -42,15 +49,22 @@ func serveConfig(path string, stderr io.Writer) int {
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
-	s := &service{path: path, log: log, cfg: cfg, exports: map[string]*export{}}
+	s := &service{path: path, log: log, cfg: cfg, exports: map[string]*export{}, mx: map[string]*metrics.Exporter{}}
+	if addr := cfg.Global.MetricsAddress; addr != "" {
+		s.reg = metrics.NewRegistry()
+		if s.metrics, err = metrics.Serve(addr, s.reg); err != nil {
+			log.WithError(err).Error("cannot serve metrics")
+			return exitUsage
+		}
+		defer s.metrics.Close()
+		log.WithField("url", s.metrics.URL()).Info("serving metrics")
+	}
 	for _, ec := range cfg.Exports {
-		e, err := startExport(specFromConfig(ec), log)
-		if err != nil {
+		if err := s.start(ec); err != nil {
 			log.WithError(err).Error("cannot start the export; stopping")
 			s.stopAll()
 			return exitUsage
 		}
-		s.exports[ec.Name] = e
 	}
 	log.WithFields(logrus.Fields{"config": path, "exports": len(s.exports)}).Info("vublk serving")
 	notifySystemd(log, daemon.SdNotifyReady)
@@ -68,6 +82,38 @@ func serveConfig(path string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// start starts one export and its metrics.
+func (s *service) start(ec config.Export) error {
+	e, err := startExport(specFromConfig(ec), s.log)
+	if err != nil {
+		return err
+	}
+	s.exports[ec.Name] = e
+	if s.reg != nil {
+		x := metrics.NewExporter(ec.Name, e.engine, e.dev)
+		if err := x.Register(s.reg); err != nil {
+			e.log.WithError(err).Warn("no metrics for this export")
+		} else {
+			s.mx[ec.Name] = x
+		}
+	}
+	return nil
+}
+
+// stop drains and stops one export and removes its metrics.
+func (s *service) stop(name string) error {
+	e := s.exports[name]
+	if e == nil {
+		return nil
+	}
+	if x := s.mx[name]; x != nil {
+		x.Unregister(s.reg)
+		delete(s.mx, name)
+	}
+	delete(s.exports, name)
+	return e.stop()
 }
 
 // printConfigErrors writes every configuration problem on a line of its own.
@@ -124,7 +170,7 @@ func (s *service) reload() {
 	}
 	var added, removed, resized, restarted []string
 	// Stop first, so that a restarted or moved export frees its socket and file.
-	for _, name := range sortedNames(old) {
+	for _, name := range slices.Sorted(maps.Keys(old)) {
 		nc, keep := next[name]
 		oc := old[name]
 		switch {
@@ -135,12 +181,9 @@ func (s *service) reload() {
 		default:
 			restarted = append(restarted, name)
 		}
-		if e := s.exports[name]; e != nil {
-			e.stop()
-			delete(s.exports, name)
-		}
+		s.stop(name)
 	}
-	for _, name := range sortedNames(next) {
+	for _, name := range slices.Sorted(maps.Keys(next)) {
 		nc := next[name]
 		oc, had := old[name]
 		if e := s.exports[name]; had && e != nil {
@@ -153,12 +196,10 @@ func (s *service) reload() {
 			}
 			continue
 		}
-		e, err := startExport(specFromConfig(nc), s.log)
-		if err != nil {
+		if err := s.start(nc); err != nil {
 			s.log.WithError(err).Error("cannot start the export")
 			continue
 		}
-		s.exports[name] = e
 		if !had {
 			added = append(added, name)
 		}
@@ -176,32 +217,26 @@ func sameExceptSize(a, b config.Export) bool {
 	return a == b
 }
 
-func sortedNames(m map[string]config.Export) []string {
-	names := make([]string, 0, len(m))
-	for n := range m {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
-}
-
 // stopAll drains and stops every export at once.
 func (s *service) stopAll() error {
 	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var errs []error
-	for _, e := range s.exports {
+	errs := make(chan error, len(s.exports))
+	for _, name := range slices.Sorted(maps.Keys(s.exports)) {
 		wg.Add(1)
 		go func(e *export) {
 			defer wg.Done()
-			if err := e.stop(); err != nil {
-				mu.Lock()
-				errs = append(errs, err)
-				mu.Unlock()
-			}
-		}(e)
+			errs <- e.stop()
+		}(s.exports[name])
+		if x := s.mx[name]; x != nil {
+			x.Unregister(s.reg)
+		}
 	}
 	wg.Wait()
-	s.exports = map[string]*export{}
-	return errors.Join(errs...)
+	close(errs)
+	s.exports, s.mx = map[string]*export{}, map[string]*metrics.Exporter{}
+	var all []error
+	for err := range errs {
+		all = append(all, err)
+	}
+	return errors.Join(all...)
 }
