@@ -7,10 +7,11 @@
 #   E2E FAIL <check> <detail>
 # and the phase ends with "E2E done <phase>". The host knows which checks each phase must report,
 # so a script that stops early fails the test. Parameters come on the kernel command line:
-#   vublk.phase=  main | reconnect | verify | crashwork
+#   vublk.phase=  main | reconnect | verify | crashwork | service
 #   vublk.size=   expected size of /dev/vda in bytes
 #   vublk.serial= expected serial of /dev/vda
 #   vublk.rosize= expected size of the read-only /dev/vdb
+#   vublk.newsize= the size /dev/vda grows to (service phase)
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /usr/bin /usr/sbin /sbin
 /bin/busybox --install -s /bin
@@ -174,11 +175,33 @@ phase_crashwork() {
 	run umount_ext4 umount /mnt
 }
 
+# A disk of the host service: I/O, then the host grows it live (SIGHUP with a bigger size in the
+# configuration) and the guest must see the new size without a reboot.
+phase_service() {
+	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	expect serial "$(cat /sys/block/vda/serial)" "$SERIAL"
+	run write dd if=/dev/urandom of=/tmp/data bs=64k count=64
+	run write_disk dd if=/tmp/data of=/dev/vda bs=64k count=64 oflag=direct conv=fsync
+	run read_back sh -c "dd if=/dev/vda bs=64k count=64 iflag=direct 2>/dev/null | cmp - /tmp/data"
+	echo "E2E waiting-resize"
+	NEWSIZE=$(param newsize)
+	i=0
+	while [ "$(blockdev --getsize64 /dev/vda)" != "$NEWSIZE" ] && [ $i -lt 600 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	expect resized "$(blockdev --getsize64 /dev/vda)" "$NEWSIZE"
+	last=$(((NEWSIZE >> 16) - 1))
+	run write_grown dd if=/tmp/data of=/dev/vda bs=64k seek=$last count=1 oflag=direct conv=fsync
+	run read_grown sh -c "dd if=/dev/vda bs=64k skip=$last count=1 iflag=direct 2>/dev/null | cmp -n 65536 - /tmp/data"
+}
+
 case "$PHASE" in
 main) phase_main ;;
 reconnect) phase_reconnect ;;
 verify) phase_verify ;;
 crashwork) phase_crashwork ;;
+service) phase_service ;;
 *) fail phase "unknown phase '$PHASE'" ;;
 esac
 echo "E2E done $PHASE"

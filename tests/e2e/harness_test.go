@@ -241,11 +241,26 @@ type daemon struct {
 	err    error // the exit status, valid after done is closed
 }
 
-// startVublk runs `vublk serve` with args and waits until it logs "export ready".
+// startVublk runs `vublk serve` for one export on socket and waits until it logs "export ready".
 func startVublk(t *testing.T, socket string, args ...string) *daemon {
 	t.Helper()
 	full := append([]string{"serve", "--socket-path", socket, "--log-format", "json", "--log-level", "debug"}, args...)
-	d := &daemon{t: t, cmd: exec.Command(env.vublk, full...), socket: socket, done: make(chan struct{})}
+	d := runDaemon(t, full, "export ready")
+	d.socket = socket
+	return d
+}
+
+// startService runs `vublk serve --config conf` (which must log JSON) and waits until it
+// logs "vublk serving".
+func startService(t *testing.T, conf string) *daemon {
+	t.Helper()
+	return runDaemon(t, []string{"serve", "--config", conf}, "vublk serving")
+}
+
+// runDaemon runs vublk with args and waits for the log message ready.
+func runDaemon(t *testing.T, args []string, ready string) *daemon {
+	t.Helper()
+	d := &daemon{t: t, cmd: exec.Command(env.vublk, args...), done: make(chan struct{})}
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -253,14 +268,14 @@ func startVublk(t *testing.T, socket string, args ...string) *daemon {
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	ready := make(chan struct{})
+	readyCh := make(chan struct{})
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(make([]byte, 1<<16), 1<<20)
 		once := sync.Once{}
 		for sc.Scan() {
 			line := sc.Text()
-			t.Logf("vublk %s: %s", filepath.Base(socket), line)
+			t.Logf("vublk: %s", line)
 			var entry map[string]any
 			if json.Unmarshal([]byte(line), &entry) != nil {
 				continue
@@ -268,15 +283,15 @@ func startVublk(t *testing.T, socket string, args ...string) *daemon {
 			d.mu.Lock()
 			d.logs = append(d.logs, entry)
 			d.mu.Unlock()
-			if entry["msg"] == "export ready" {
-				once.Do(func() { close(ready) })
+			if entry["msg"] == ready {
+				once.Do(func() { close(readyCh) })
 			}
 		}
 		d.err = d.cmd.Wait()
 		close(d.done)
 	}()
 	select {
-	case <-ready:
+	case <-readyCh:
 	case <-d.done:
 		t.Fatalf("vublk exited before it was ready: %v", d.err)
 	case <-time.After(30 * time.Second):
@@ -294,7 +309,7 @@ func startVublk(t *testing.T, socket string, args ...string) *daemon {
 	return d
 }
 
-// stop sends SIGTERM, waits for the exit and returns the fields of the final "export stopped" log.
+// stop sends SIGTERM, waits for the exit and returns the fields of the last "export stopped" log.
 func (d *daemon) stop() (map[string]any, error) {
 	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		return nil, err
@@ -316,6 +331,18 @@ func (d *daemon) stop() (map[string]any, error) {
 		}
 	}
 	return nil, fmt.Errorf("no \"export stopped\" log line")
+}
+
+// lastLog returns the fields of the daemon's last log entry with this message and export.
+func (d *daemon) lastLog(msg, export string) map[string]any {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := len(d.logs) - 1; i >= 0; i-- {
+		if d.logs[i]["msg"] == msg && d.logs[i]["export"] == export {
+			return d.logs[i]
+		}
+	}
+	return nil
 }
 
 // countLogs counts the daemon's log entries with this message.
