@@ -3,6 +3,7 @@ package backend
 import (
 	"fmt"
 	"sync"
+	"time"
 )
 
 // Barrier makes FLUSH a drain-then-sync barrier across every lane and every
@@ -79,11 +80,23 @@ func (b *Barrier) Exit() {
 // Flush drains every admitted request, syncs, and returns the sync's result
 // (or the latched failure of an earlier sync).
 func (b *Barrier) Flush() error {
+	_, _, err := b.flush()
+	return err
+}
+
+// flush is Flush, also returning how long the drain took (from the call
+// until every request admitted before it had exited) and the time from then
+// until the flush was done. A flush that joins a running one reports that
+// flush's drain and sync as far as it waited for them.
+func (b *Barrier) flush() (wait, syncTime time.Duration, err error) {
+	start := monotime()
 	b.mu.Lock()
 	if ep := b.epoch; ep != nil {
 		b.mu.Unlock()
+		<-ep.drained
+		drained := monotime()
 		<-ep.done
-		return ep.err
+		return drained - start, monotime() - drained, ep.err
 	}
 	ep := &flushEpoch{drained: make(chan struct{}), done: make(chan struct{})}
 	b.epoch = ep
@@ -93,12 +106,14 @@ func (b *Barrier) Flush() error {
 	broken := b.syncBeforeDrain
 	b.mu.Unlock()
 
-	var err error
+	var drained time.Duration
 	if broken {
 		err = b.sync()
 		<-ep.drained
+		drained = monotime()
 	} else {
 		<-ep.drained
+		drained = monotime()
 		err = b.sync()
 	}
 
@@ -113,7 +128,7 @@ func (b *Barrier) Flush() error {
 	b.epoch = nil
 	close(ep.done)
 	b.mu.Unlock()
-	return err
+	return drained - start, monotime() - drained, err
 }
 
 // Latch records a durability failure found outside Flush (a write-through

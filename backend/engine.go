@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Op is what a Request asks of the store.
@@ -50,19 +51,54 @@ type Request struct {
 
 	// Err is set by the lane before Done.Complete is called.
 	Err error
+
+	// start is when Submit was called (monotime), or 0 when no Observer
+	// was set then.
+	start time.Duration
 }
+
+// Observer is told how long each request and each guest flush took, for
+// metrics. Its methods are called from the lanes and from flushing
+// goroutines concurrently, on the request path: they must be cheap and must
+// not block or call back into the Engine.
+type Observer interface {
+	// ObserveRequest is called once a lane has executed a request, before
+	// the request is completed. d runs from Submit (so it includes waiting
+	// at the barrier during a flush and in the lane's queue) to the end of
+	// the store operation; err is the request's Err.
+	ObserveRequest(op Op, d time.Duration, err error)
+	// ObserveFlush is called when Flush returns. wait runs from the start of
+	// Flush until every request admitted before it had finished (the
+	// drain); sync from then until the flush was done (the store's sync, or
+	// for a flush that joined a running one, the rest of that flush).
+	ObserveFlush(wait, sync time.Duration, err error)
+}
+
+// observerRef boxes an Observer for atomic.Pointer.
+type observerRef struct{ o Observer }
 
 // Engine runs requests from every queue of one export on N parallel lanes
 // and orders flushes with a Barrier.
 type Engine struct {
 	store        Store
 	barrier      *Barrier
-	lanes        []chan *Request
+	lanes        []lane
 	next         atomic.Uint32
+	observer     atomic.Pointer[observerRef]
 	writeThrough atomic.Bool
 	wg           sync.WaitGroup
 	closeOnce    sync.Once
 	Stats        Stats
+}
+
+// lane is one worker's queue, and whether the worker is executing a request
+// (for LaneInflight). busy is written by the worker alone, so counting costs
+// the submitters nothing; the padding gives each lane's flag a cache line of
+// its own.
+type lane struct {
+	ch   chan *Request
+	busy atomic.Bool
+	_    [64 - 9]byte
 }
 
 // laneDepth is how many requests may wait on one lane before Submit blocks.
@@ -71,16 +107,23 @@ const laneDepth = 256
 // NewEngine starts lanes workers (at least one) over store.
 func NewEngine(store Store, lanes int) *Engine {
 	lanes = max(lanes, 1)
-	e := &Engine{store: store, lanes: make([]chan *Request, lanes)}
+	e := &Engine{store: store, lanes: make([]lane, lanes)}
 	e.barrier = NewBarrier(e.syncStore)
 	for i := range e.lanes {
-		ch := make(chan *Request, laneDepth)
-		e.lanes[i] = ch
+		l := &e.lanes[i]
+		l.ch = make(chan *Request, laneDepth)
 		e.wg.Add(1)
-		go e.lane(ch)
+		go e.run(l)
 	}
 	return e
 }
+
+// monoEpoch is the origin of monotime.
+var monoEpoch = time.Now()
+
+// monotime is a reading of the monotonic clock, never 0. It costs one clock
+// read, without the wall clock that time.Now also reads.
+func monotime() time.Duration { return time.Since(monoEpoch) + 1 }
 
 // Store returns the engine's store.
 func (e *Engine) Store() Store { return e.store }
@@ -90,6 +133,38 @@ func (e *Engine) Barrier() *Barrier { return e.barrier }
 
 // Lanes is the number of lanes.
 func (e *Engine) Lanes() int { return len(e.lanes) }
+
+// LaneInflight is how many requests have been handed to lane i and have not
+// finished: waiting in its queue or executing. i is in [0, Lanes()). It is a
+// snapshot for metrics: a request moving from the queue to the worker may
+// be missed for that moment.
+func (e *Engine) LaneInflight(i int) int {
+	l := &e.lanes[i]
+	n := len(l.ch)
+	if l.busy.Load() {
+		n++
+	}
+	return n
+}
+
+// SetObserver makes o (nil: none) the observer of requests and flushes that
+// start from now on. It may be called at any time; without an observer a
+// request costs no clock reads.
+func (e *Engine) SetObserver(o Observer) {
+	if o == nil {
+		e.observer.Store(nil)
+		return
+	}
+	e.observer.Store(&observerRef{o})
+}
+
+// loadObserver returns the observer, or nil.
+func (e *Engine) loadObserver() Observer {
+	if ref := e.observer.Load(); ref != nil {
+		return ref.o
+	}
+	return nil
+}
 
 // SetWriteThrough switches write-through mode: every write is durable before
 // it completes (the guest cleared the virtio-blk writeback flag).
@@ -102,17 +177,23 @@ func (e *Engine) WriteThrough() bool { return e.writeThrough.Load() }
 // it to a lane. r.Done.Complete is called from the lane when it is finished.
 // Submit must not be called after Close.
 func (e *Engine) Submit(r *Request) {
+	r.start = 0
+	if e.observer.Load() != nil {
+		r.start = monotime()
+	}
 	e.barrier.Enter()
-	i := e.next.Add(1) % uint32(len(e.lanes))
-	e.lanes[i] <- r
+	e.lanes[e.next.Add(1)%uint32(len(e.lanes))].ch <- r
 }
 
 // Flush is the drain-then-sync barrier (see Barrier), for a guest FLUSH.
 func (e *Engine) Flush() error {
 	e.Stats.Flushes.Add(1)
-	err := e.barrier.Flush()
+	wait, syncTime, err := e.barrier.flush()
 	if err != nil {
 		e.Stats.FlushErrors.Add(1)
+	}
+	if o := e.loadObserver(); o != nil {
+		o.ObserveFlush(wait, syncTime, err)
 	}
 	return err
 }
@@ -131,21 +212,30 @@ func (e *Engine) Close() error {
 	var err error
 	e.closeOnce.Do(func() {
 		err = e.barrier.Flush() // not a guest flush: not counted
-		for _, ch := range e.lanes {
-			close(ch)
+		for i := range e.lanes {
+			close(e.lanes[i].ch)
 		}
 		e.wg.Wait()
 	})
 	return err
 }
 
-func (e *Engine) lane(ch chan *Request) {
+// run is the worker of lane l.
+func (e *Engine) run(l *lane) {
 	defer e.wg.Done()
-	for r := range ch {
+	for r := range l.ch {
+		l.busy.Store(true)
 		r.Err = e.execute(r)
 		if r.Err != nil {
 			e.Stats.Errors.Add(1)
 		}
+		if r.start != 0 {
+			// Observed before Complete: r is the caller's again after it.
+			if o := e.loadObserver(); o != nil {
+				o.ObserveRequest(r.Op, monotime()-r.start, r.Err)
+			}
+		}
+		l.busy.Store(false)
 		done := r.Done
 		e.barrier.Exit()
 		done.Complete(r)

@@ -48,6 +48,11 @@ type BlkDevice struct {
 	capacity atomic.Uint64 // bytes; changes with SetCapacity (a live resize)
 
 	pool sync.Pool
+
+	// errs counts completions by error status (indexed by BlkSIOErr,
+	// BlkSUnsupp; BlkSOK is not counted, to keep successes free of a shared
+	// atomic).
+	errs [BlkSUnsupp + 1]atomic.Uint64
 }
 
 // NewBlkDevice returns a device presenting cfg over engine.
@@ -79,6 +84,18 @@ func (d *BlkDevice) SetCapacity(bytes uint64) {
 
 // Engine returns the backend engine.
 func (d *BlkDevice) Engine() *backend.Engine { return d.engine }
+
+// Errors is how many requests the device has completed with the error status
+// status (BlkSIOErr or BlkSUnsupp): bad requests from the guest, failed store
+// operations and failed flushes alike. Successful completions are not
+// counted (the engine's Stats count operations): for BlkSOK, and any other
+// status, it returns 0.
+func (d *BlkDevice) Errors(status uint8) uint64 {
+	if status == BlkSOK || int(status) >= len(d.errs) {
+		return 0
+	}
+	return d.errs[status].Load()
+}
 
 // Features are the device feature bits offered to the driver.
 func (d *BlkDevice) Features() uint64 { return d.cfg.Features() }
@@ -323,6 +340,8 @@ func (d *BlkDevice) finish(r *blkReq, status uint8) {
 	written := uint32(1)
 	if status == BlkSOK {
 		written += r.written
+	} else if int(status) < len(d.errs) {
+		d.errs[status].Add(1)
 	}
 	r.blk.Status[0] = status
 	q.mu.Lock()

@@ -683,3 +683,28 @@ func TestBlkDeviceSetFeaturesMasks(t *testing.T) {
 		t.Fatalf("acknowledged %#x, offered %#x", got, h.dev.Features())
 	}
 }
+
+// Errors counts every error status the guest sees, wherever it was decided.
+func TestBlkDeviceErrorCounts(t *testing.T) {
+	h := newBlkHarness(t, BlkConfig{Writeback: true, Discard: true}, false)
+	counts := func() [3]uint64 {
+		return [3]uint64{h.dev.Errors(BlkSOK), h.dev.Errors(BlkSIOErr), h.dev.Errors(BlkSUnsupp)}
+	}
+	h.do(BlkTOut, 0, pattern(512, 7), 0, BlkSOK, 1)
+	h.do(BlkTIn, 0, nil, 512, BlkSOK, 513)
+	h.do(BlkTGetID, 0, nil, BlkIDBytes, BlkSOK, BlkIDBytes+1)
+	if c := counts(); c != [3]uint64{} {
+		t.Fatalf("counts after successful requests: %v, want none", c)
+	}
+	h.do(BlkTIn, testDiskSize/512, nil, 512, BlkSIOErr, 1)                     // beyond the end
+	h.do(BlkTDiscard, 0, discardSeg(0, 8, discardFlagUnmap), 0, BlkSUnsupp, 1) // unmap on discard
+	h.do(0x1234, 0, nil, 0, BlkSUnsupp, 1)                                     // unknown type
+	h.store.SetSyncError(errors.New("EIO"))
+	h.do(BlkTFlush, 0, nil, 0, BlkSIOErr, 1) // failed sync
+	if c, want := counts(), [3]uint64{0, 2, 2}; c != want {
+		t.Errorf("counts (ok, ioerr, unsupp) = %v, want %v", c, want)
+	}
+	if n := h.dev.Errors(0xff); n != 0 {
+		t.Errorf("Errors(0xff) = %d, want 0", n)
+	}
+}
