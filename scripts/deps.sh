@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 packages=(
   qemu-system-x86 qemu-system-common qemu-utils
   busybox-static fio e2fsprogs util-linux cpio kmod zstd xz-utils
+  libvirt-clients libxml2-utils
 )
 
 need=()

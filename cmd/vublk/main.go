@@ -17,6 +17,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/sirupsen/logrus"
 
+	"github.com/vublk/vublk/config"
 	"github.com/vublk/vublk/virtio"
 )
 
@@ -34,6 +35,9 @@ Usage:
   vublk serve --fd N --blk-file PATH [options]
   vublk serve --config FILE
   vublk replay --log PATH [--base IMAGE] --out IMAGE [--mark N] [--crash --seed S]
+  vublk check --config FILE
+  vublk libvirt-xml --config FILE --export NAME [--target vda] [--queues N]
+  vublk bench --socket PATH [--rw MODE] [--bs N] [--iodepth N] [--queues N] [--runtime D] [--json]
   vublk --print-capabilities
   vublk help
 
@@ -50,6 +54,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return serve(args[1:], stdout, stderr)
 	case "replay":
 		return replay(args[1:], stdout, stderr)
+	case "check":
+		return check(args[1:], stdout, stderr)
+	case "libvirt-xml":
+		return libvirtXML(args[1:], stdout, stderr)
+	case "bench":
+		return bench(args[1:], stdout, stderr)
 	case "help", "-h", "--help", "-help":
 		fmt.Fprint(stdout, usage)
 		return 0
@@ -155,7 +165,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	}
 	var size int64
 	if o.size != "" {
-		if size, err = parseSize(o.size); err != nil {
+		if size, err = config.ParseSize(o.size); err != nil {
 			return fail("--size: %v", err)
 		}
 		if size == 0 || size%int64(o.blockSize) != 0 {

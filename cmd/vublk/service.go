@@ -160,61 +160,42 @@ func (s *service) reload() {
 			s.log.SetLevel(lvl)
 		}
 	}
-	old := map[string]config.Export{}
-	for _, ec := range s.cfg.Exports {
-		old[ec.Name] = ec
+	ch := config.Diff(s.cfg, cfg)
+	if ch.Global && cfg.Global.MetricsAddress != s.cfg.Global.MetricsAddress {
+		s.log.Warn("metrics_address changed: it takes effect when vublk restarts")
 	}
-	next := map[string]config.Export{}
-	for _, ec := range cfg.Exports {
-		next[ec.Name] = ec
-	}
-	var added, removed, resized, restarted []string
 	// Stop first, so that a restarted or moved export frees its socket and file.
-	for _, name := range slices.Sorted(maps.Keys(old)) {
-		nc, keep := next[name]
-		oc := old[name]
-		switch {
-		case !keep:
-			removed = append(removed, name)
-		case sameExceptSize(oc, nc):
-			continue
-		default:
-			restarted = append(restarted, name)
-		}
+	for _, name := range append(slices.Clone(ch.Removed), ch.Changed...) {
 		s.stop(name)
 	}
-	for _, name := range slices.Sorted(maps.Keys(next)) {
-		nc := next[name]
-		oc, had := old[name]
-		if e := s.exports[name]; had && e != nil {
-			if oc.Size != nc.Size && nc.Size > 0 {
-				if err := e.resize(nc.Size); err != nil {
-					e.log.WithError(err).Error("resize failed; the export keeps its size")
-					continue
-				}
-				resized = append(resized, name)
-			}
+	var failed []string
+	for _, name := range ch.Resized {
+		e := s.exports[name]
+		nc := cfg.Lookup(name)
+		if e == nil || nc.Size == 0 {
+			continue
+		}
+		if err := e.resize(nc.Size); err != nil {
+			e.log.WithError(err).Error("resize failed; the export keeps its size")
+			failed = append(failed, name)
+		}
+	}
+	// Start what is new or changed, and anything that is configured but not running (it failed
+	// to start on an earlier reload).
+	for _, nc := range cfg.Exports {
+		if s.exports[nc.Name] != nil {
 			continue
 		}
 		if err := s.start(nc); err != nil {
 			s.log.WithError(err).Error("cannot start the export")
-			continue
-		}
-		if !had {
-			added = append(added, name)
+			failed = append(failed, nc.Name)
 		}
 	}
 	s.cfg = cfg
 	s.log.WithFields(logrus.Fields{
-		"added": added, "removed": removed, "resized": resized, "restarted": restarted, "exports": len(s.exports),
+		"added": ch.Added, "removed": ch.Removed, "resized": ch.Resized, "restarted": ch.Changed,
+		"failed": failed, "exports": len(s.exports),
 	}).Info("configuration reloaded")
-}
-
-// sameExceptSize reports whether two versions of an export differ at most in their size.
-func sameExceptSize(a, b config.Export) bool {
-	a.Line, b.Line = 0, 0
-	a.Size, b.Size = 0, 0
-	return a == b
 }
 
 // stopAll drains and stops every export at once.
