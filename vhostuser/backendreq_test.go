@@ -178,4 +178,3 @@ func reconnect(t *testing.T, old *frontend.Conn, sock string) *frontend.Conn {
 	t.Fatalf("reconnect: %v", err)
 	return nil
 }
-
