@@ -15,8 +15,8 @@ import (
 // hands over with SET_BACKEND_REQ_FD (vhost-user.rst, "Back-end message types").
 const backendConfigChangeMsg = 2
 
-// backendReplyTimeout bounds the wait for the front-end's answer to a
-// back-end message: a front-end that stopped reading must not hang a reload.
+// backendReplyTimeout bounds sending a back-end message and waiting for the
+// front-end's answer: a front-end that stopped reading must not hang a reload.
 const backendReplyTimeout = 10 * time.Second
 
 // ErrNoBackendChannel is returned by NotifyConfigChange when the connected
@@ -77,6 +77,8 @@ func (b *backendChannel) send(req uint32) error {
 	var hdr [headerSize]byte
 	binary.LittleEndian.PutUint32(hdr[0:], req)
 	binary.LittleEndian.PutUint32(hdr[4:], flags)
+	b.sock.SetWriteDeadline(time.Now().Add(backendReplyTimeout))
+	defer b.sock.SetWriteDeadline(time.Time{})
 	if _, err := b.sock.Write(hdr[:]); err != nil {
 		return fmt.Errorf("back-end request %d: %w", req, err)
 	}

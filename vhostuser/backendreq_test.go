@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -81,7 +82,10 @@ func testNotifyConfigChange(t *testing.T, replyAck bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ours := os.NewFile(uintptr(fds[0]), "frontend-side")
+	ours, err := net.FileConn(os.NewFile(uintptr(fds[0]), "frontend-side")) // a net.Conn, so deadlines work
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer ours.Close()
 	flags := uint32(1)
 	if replyAck {
@@ -95,6 +99,8 @@ func testNotifyConfigChange(t *testing.T, replyAck bool) {
 		if r, err := c.ReadReply(); err != nil || len(r.Payload) != 8 || binary.LittleEndian.Uint64(r.Payload) != 0 {
 			t.Fatalf("SET_BACKEND_REQ_FD ack: %+v %v", r, err)
 		}
+	} else if _, err := c.GetFeatures(); err != nil { // answered only after SET_BACKEND_REQ_FD was handled
+		t.Fatal(err)
 	}
 
 	dev.SetCapacity(3 << 20)
