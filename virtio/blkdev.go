@@ -222,7 +222,11 @@ func (d *BlkDevice) start(q *Queue, head uint16) error {
 	case BlkTFlush:
 		// The flush runs on this queue's goroutine: later requests of this
 		// queue wait for it, and the barrier holds those of other queues.
-		d.finish(r, StatusFor(d.engine.Flush()))
+		err := d.engine.Flush()
+		if err != nil {
+			d.log.WithField("queue", q.Index).WithError(err).Error("flush failed")
+		}
+		d.finish(r, StatusFor(err))
 	case BlkTGetID:
 		d.getID(r)
 	case BlkTDiscard, BlkTWriteZeroes:
@@ -251,6 +255,16 @@ func (d *BlkDevice) startRW(r *blkReq) {
 	op, bufs, n := backend.OpRead, r.blk.In, r.blk.InLen
 	if r.blk.Type == BlkTOut {
 		op, bufs, n = backend.OpWrite, r.blk.Out, r.blk.OutLen
+	}
+	// Data in the wrong direction (a write whose data the device may write, a read whose data the
+	// device may only read) is a malformed request: answering OK would tell the guest that data
+	// was written, or read, which was not.
+	if (op == backend.OpWrite && r.blk.InLen > 0) || (op == backend.OpRead && r.blk.OutLen > 0) {
+		d.guestError(r.q, r, fmt.Errorf("%w: %v request with %d bytes of data in the wrong direction", ErrBadRequest, op, max(r.blk.InLen, r.blk.OutLen)))
+		d.finish(r, BlkSIOErr)
+		return
+	}
+	if op == backend.OpWrite {
 		if d.cfg.ReadOnly {
 			d.guestError(r.q, r, errors.New("write to a read-only disk"))
 			d.finish(r, BlkSIOErr)

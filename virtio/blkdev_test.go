@@ -443,20 +443,24 @@ func TestBlkDeviceHostileChains(t *testing.T) {
 		h.check(used, bad, BlkSIOErr, 1)
 		h.check(used, good, BlkSOK, 513)
 	})
-	t.Run("OUT with device-writable data writes nothing", func(t *testing.T) {
-		// The data is not driver-to-device payload, so no byte of it may
-		// reach the disk or be overwritten. Like QEMU, the device treats
-		// this as a write of the (empty) readable payload.
+	t.Run("data in the wrong direction is IOERR and touches nothing", func(t *testing.T) {
+		// A write's data must be driver-to-device, a read's device-to-driver: no byte of
+		// misdirected data may reach the disk or be overwritten, and the guest must not be
+		// told OK.
 		h := newBlkHarness(t, BlkConfig{}, false)
 		r := h.r
 		d, st := r.put(pattern(512, 1)), r.alloc(1)
 		s := h.sendChain(st, rbuf(r.put(blkHeader(BlkTOut, 0)), 16), wbuf(d, 512), wbuf(st, 1))
-		h.check(h.run(), s, BlkSOK, 1)
+		d2, st2 := r.put(pattern(512, 2)), r.alloc(1)
+		s2 := h.sendChain(st2, rbuf(r.put(blkHeader(BlkTIn, 0)), 16), rbuf(d2, 512), wbuf(st2, 1))
+		used := h.run()
+		h.check(used, s, BlkSIOErr, 1)
+		h.check(used, s2, BlkSIOErr, 1)
 		if !bytes.Equal(h.store.Image(), make([]byte, testDiskSize)) {
 			t.Fatal("writable data was written to the disk")
 		}
-		if !bytes.Equal(r.bytes(d, 512), pattern(512, 1)) {
-			t.Fatal("the device wrote into an OUT request's data")
+		if !bytes.Equal(r.bytes(d, 512), pattern(512, 1)) || !bytes.Equal(r.bytes(d2, 512), pattern(512, 2)) {
+			t.Fatal("the device wrote into misdirected data")
 		}
 	})
 
