@@ -3,6 +3,7 @@ package virtio
 import (
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 
@@ -164,7 +165,8 @@ func cacheMode(writeback bool) string {
 // ProcessQueue pops and starts every available request of q. It returns nil
 // when the ring is empty and notifications are re-enabled, or an error when
 // the ring is broken and must not be touched again.
-func (d *BlkDevice) ProcessQueue(q *Queue) error {
+func (d *BlkDevice) ProcessQueue(q *Queue) (err error) {
+	defer catchFault(debug.SetPanicOnFault(true), &err)
 	for {
 		q.Ring.DisableNotify()
 		for {
@@ -357,11 +359,10 @@ func (d *BlkDevice) finish(r *blkReq, status uint8) {
 	} else if int(status) < len(d.errs) {
 		d.errs[status].Add(1)
 	}
-	r.blk.Status[0] = status
-	q.mu.Lock()
-	q.Ring.PushUsed(r.head, written)
-	notify := q.Ring.NeedInterrupt()
-	q.mu.Unlock()
+	notify, err := q.publish(r, status, written)
+	if err != nil {
+		d.log.WithError(err).WithField("queue", q.Index).Error("cannot complete a request: the front-end's memory is gone")
+	}
 	if notify && q.Notify != nil {
 		q.Notify.Notify()
 	}
@@ -369,6 +370,17 @@ func (d *BlkDevice) finish(r *blkReq, status uint8) {
 	r.io = backend.Request{}
 	d.pool.Put(r)
 	q.inflight.Done()
+}
+
+// publish writes r's status byte and puts it on the used ring. It runs on the lane that finished
+// the request (or the queue's goroutine), so a fault on guest memory is caught here too.
+func (q *Queue) publish(r *blkReq, status uint8, written uint32) (notify bool, err error) {
+	defer catchFault(debug.SetPanicOnFault(true), &err)
+	r.blk.Status[0] = status
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.Ring.PushUsed(r.head, written)
+	return q.Ring.NeedInterrupt(), nil
 }
 
 func (d *BlkDevice) guestError(q *Queue, r *blkReq, err error) {

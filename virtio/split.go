@@ -3,6 +3,7 @@ package virtio
 import (
 	"encoding/binary"
 	"fmt"
+	"runtime/debug"
 )
 
 // Split virtqueue layout (virtio 1.2, section 2.7).
@@ -45,6 +46,9 @@ type SplitQueue struct {
 	// popping side
 	lastAvail uint16
 	usedFlags uint16
+	resubmit  []uint16 // heads to pop again before the available ring (Resume)
+
+	inflight InflightLog // nil: not tracked
 
 	// completing side
 	usedIdx        uint16
@@ -75,9 +79,54 @@ func NewSplitQueue(mem *GuestMemory, size int, addrs RingAddrs, eventIdx bool, l
 	if q.used, err = mem.UserSlice(addrs.Used, 6+8*n); err != nil {
 		return nil, fmt.Errorf("used ring: %w", err)
 	}
+	if err := q.readUsed(); err != nil {
+		return nil, err
+	}
+	return q, nil
+}
+
+// readUsed loads the used ring's index and flags; it runs on the connection's goroutine, so a
+// fault on guest memory is caught here.
+func (q *SplitQueue) readUsed() (err error) {
+	defer catchFault(debug.SetPanicOnFault(true), &err)
 	q.usedIdx = load16(q.used, 2)
 	q.usedFlags = load16(q.used, 0)
-	return q, nil
+	return nil
+}
+
+// InflightLog is told which chains the device has popped and not yet
+// completed, in memory that outlives the back-end process, so that a
+// restarted back-end can resubmit them (vhost-user.rst, "Inflight I/O
+// tracking"). Popped runs on the popping goroutine; Publishing and Published
+// run where PushUsed does, serialised by its caller.
+type InflightLog interface {
+	// Popped is called with the head of a chain just taken from the
+	// available ring, before it is processed.
+	Popped(head uint16)
+	// Publishing is called before the used element for head is written.
+	Publishing(head uint16)
+	// Published is called once usedIdx, the used index that publishes
+	// head, is visible to the driver.
+	Published(head, usedIdx uint16)
+}
+
+// SetInflightLog makes l (nil: none) track the chains popped from now on.
+// Call it before the queue is processed.
+func (q *SplitQueue) SetInflightLog(l InflightLog) { q.inflight = l }
+
+// Resume continues a queue that a back-end that died had been processing:
+// popping the available ring goes on at lastAvail, and first Next returns
+// resubmit, the heads of chains it had popped and not completed, in this
+// order. Call it before the queue is processed; heads beyond the queue size
+// are dropped (the caller has checked them).
+func (q *SplitQueue) Resume(lastAvail uint16, resubmit []uint16) {
+	q.lastAvail = lastAvail
+	q.resubmit = q.resubmit[:0]
+	for _, h := range resubmit {
+		if h < q.size {
+			q.resubmit = append(q.resubmit, h)
+		}
+	}
 }
 
 // Size is the number of entries.
@@ -92,6 +141,10 @@ func (q *SplitQueue) UsedIdx() uint16 { return q.usedIdx }
 // Next pops the head of the next available chain. ok is false when the ring
 // is empty. An impossible ring state is ErrBrokenRing.
 func (q *SplitQueue) Next() (head uint16, ok bool, err error) {
+	if len(q.resubmit) > 0 {
+		head, q.resubmit = q.resubmit[0], q.resubmit[1:]
+		return head, true, nil
+	}
 	availIdx := load16(q.avail, 2)
 	pending := availIdx - q.lastAvail
 	if pending == 0 {
@@ -103,6 +156,9 @@ func (q *SplitQueue) Next() (head uint16, ok bool, err error) {
 	head = load16(q.avail, 4+2*int(q.lastAvail%q.size))
 	if head >= q.size {
 		return 0, false, fmt.Errorf("%w: head %d beyond queue size %d", ErrBrokenRing, head, q.size)
+	}
+	if q.inflight != nil {
+		q.inflight.Popped(head)
 	}
 	q.lastAvail++
 	return head, true, nil
@@ -179,11 +235,17 @@ func (q *SplitQueue) ReadChain(head uint16, c *DescChain) error {
 // wrote written bytes. The element is written before the index that
 // publishes it (store16 is a full barrier).
 func (q *SplitQueue) PushUsed(head uint16, written uint32) {
+	if q.inflight != nil {
+		q.inflight.Publishing(head)
+	}
 	slot := 4 + 8*int(q.usedIdx%q.size)
 	binary.LittleEndian.PutUint32(q.used[slot:], uint32(head))
 	binary.LittleEndian.PutUint32(q.used[slot+4:], written)
 	q.usedIdx++
 	store16(q.used, 2, q.usedIdx)
+	if q.inflight != nil {
+		q.inflight.Published(head, q.usedIdx)
+	}
 }
 
 // NeedInterrupt reports whether the driver wants an interrupt for what was
