@@ -226,3 +226,49 @@ func TestWriteLogCorruptionIsReported(t *testing.T) {
 		t.Fatalf("the unmodified log: %v", err)
 	}
 }
+
+// TestWriteLogTruncatedAnywhere cuts the log at many places (every byte of the first records,
+// every byte around each record boundary, the end): the result is an error naming the
+// offset, or, cut exactly between two records, a shorter log whose records are the first ones.
+func TestWriteLogTruncatedAnywhere(t *testing.T) {
+	path, _ := logged(t)
+	good, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	full, err := ReadWriteLog(bytes.NewReader(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	boundaries := map[int64]int{logHeaderSize: 0}
+	for i, r := range full.Records {
+		boundaries[r.End] = i + 1
+	}
+	// Every byte of the first records, and around every record boundary and the end.
+	cuts := map[int]bool{}
+	for n := 0; n < min(len(good), 4096); n++ {
+		cuts[n] = true
+	}
+	for b := range boundaries {
+		for d := -41; d <= 41; d++ {
+			if n := int(b) + d; n >= 0 && n < len(good) {
+				cuts[n] = true
+			}
+		}
+	}
+	for n := max(0, len(good)-64); n < len(good); n++ {
+		cuts[n] = true
+	}
+	for n := range cuts {
+		l, err := ReadWriteLog(bytes.NewReader(good[:n]))
+		records, atBoundary := boundaries[int64(n)]
+		switch {
+		case atBoundary && err != nil:
+			t.Fatalf("cut at record boundary %d: %v", n, err)
+		case atBoundary && len(l.Records) != records:
+			t.Fatalf("cut at %d: %d records, want %d", n, len(l.Records), records)
+		case !atBoundary && (!errors.Is(err, ErrBadLog) || !strings.Contains(err.Error(), "at offset ")):
+			t.Fatalf("cut at %d: err = %v, want ErrBadLog naming the offset", n, err)
+		}
+	}
+}
