@@ -33,20 +33,7 @@ func TestNotifyConfigChange(t *testing.T) {
 }
 
 func testNotifyConfigChange(t *testing.T, replyAck bool) {
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	store := backend.NewCrashStore(4 << 20)
-	engine := backend.NewEngine(store, 2)
-	defer engine.Close()
-	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{Capacity: 2 << 20, BlockSize: 512, NumQueues: 1, Writeback: true}, log.WithField("export", "t"))
-	srv := vhostuser.NewServer(dev, 1, log.WithField("export", "t"))
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	ln, err := vhostuser.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	defer srv.Close()
+	srv, dev, sock := serveCrashStore(t, 4<<20, 2<<20, io.Discard)
 
 	// No front-end yet: nothing to notify.
 	if err := srv.NotifyConfigChange(); err != nil {
@@ -153,6 +140,26 @@ func testNotifyConfigChange(t *testing.T, replyAck bool) {
 	if _, err := c2.ReadReply(); err == nil {
 		t.Fatal("the back-end answered instead of closing the connection")
 	}
+}
+
+// serveCrashStore serves a one-queue disk of capacity bytes on a CrashStore of size bytes,
+// logging to w, until the test ends.
+func serveCrashStore(t *testing.T, size int64, capacity uint64, w io.Writer) (*vhostuser.Server, *virtio.BlkDevice, string) {
+	t.Helper()
+	log := logrus.New()
+	log.SetOutput(w)
+	engine := backend.NewEngine(backend.NewCrashStore(size), 2)
+	t.Cleanup(func() { engine.Close() })
+	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{Capacity: capacity, BlockSize: 512, NumQueues: 1, Writeback: true}, log.WithField("export", "t"))
+	srv := vhostuser.NewServer(dev, 1, log.WithField("export", "t"))
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	ln, err := vhostuser.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(srv.Close) // runs before the engine's close: cleanups run last-in first-out
+	return srv, dev, sock
 }
 
 // waitConnected waits until the server has a front-end (NotifyConfigChange stops returning nil).

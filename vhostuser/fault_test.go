@@ -2,26 +2,21 @@ package vhostuser_test
 
 import (
 	"bytes"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
-	"github.com/vublk/vublk/backend"
-	"github.com/vublk/vublk/vhostuser"
 	"github.com/vublk/vublk/vhostuser/frontend"
-	"github.com/vublk/vublk/virtio"
 )
 
-// lockedBuffer collects log output from several goroutines.
-type lockedBuffer struct {
+// logLines hands log lines to the test as they are written (dropping them when nobody reads).
+type logLines struct {
 	ch chan string
 }
 
-func (b lockedBuffer) Write(p []byte) (int, error) {
+func (b logLines) Write(p []byte) (int, error) {
 	select {
 	case b.ch <- string(p):
 	default:
@@ -33,21 +28,8 @@ func (b lockedBuffer) Write(p []byte) (int, error) {
 // back-end's next touch of the rings faults (SIGBUS). The daemon must survive: that connection
 // ends, and the next front-end is served.
 func TestShrunkGuestMemory(t *testing.T) {
-	logs := lockedBuffer{ch: make(chan string, 1000)}
-	log := logrus.New()
-	log.SetOutput(logs)
-	store := backend.NewCrashStore(1 << 20)
-	engine := backend.NewEngine(store, 2)
-	defer engine.Close()
-	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{Capacity: 1 << 20, BlockSize: 512, NumQueues: 1, Writeback: true}, log.WithField("export", "t"))
-	srv := vhostuser.NewServer(dev, 1, log.WithField("export", "t"))
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	ln, err := vhostuser.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	defer srv.Close()
+	logs := logLines{ch: make(chan string, 1000)}
+	_, _, sock := serveCrashStore(t, 1<<20, 1<<20, logs)
 
 	fe, err := frontend.Connect(sock, frontend.Options{NumQueues: 1, MemSize: 4 << 20})
 	if err != nil {
