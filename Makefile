@@ -12,7 +12,7 @@ SIZE ?= 1G
 FUZZTIME ?= 60s
 FUZZ_PKGS := ./virtio ./vhostuser
 
-.PHONY: all build deps run test check unit crash e2e fuzz install clean
+.PHONY: all build deps run test check unit crash e2e fuzz install clean bench
 
 all: build
 
@@ -56,6 +56,11 @@ e2e:
 	$(GO) test -tags e2e -count=1 -v -timeout 20m ./tests/e2e/
 
 test: deps check unit crash e2e
+
+# vublk and qemu-storage-daemon side by side on a tmpfs file, 3 rounds of the same jobs (needs
+# make deps; about 6 minutes). ROUNDS, RUNTIME and RAMP override scripts/bench.sh's defaults.
+bench: build
+	bash scripts/bench.sh
 
 # Run every fuzz target for FUZZTIME each.
 fuzz:
