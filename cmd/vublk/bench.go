@@ -15,6 +15,7 @@ import (
 	"time"
 
 	loadgen "github.com/vublk/vublk/bench"
+	"github.com/vublk/vublk/config"
 )
 
 const benchUsage = "usage: vublk bench --socket PATH [--rw MODE] [--bs N] [--iodepth N] [--queues N] [--runtime D] " +
@@ -35,7 +36,7 @@ func bench(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&t.Socket, "socket", "", "vhost-user-blk back-end socket to connect to (vublk, qemu-storage-daemon, ...)")
 	rw := fs.String("rw", j.Mode.String(), "access pattern: randread, randwrite, read, write or randrw")
 	fs.Func("bs", "block size of every read and write: bytes, or with K/M (default 4k)", func(s string) error {
-		n, err := parseSize(s)
+		n, err := config.ParseSize(s)
 		if err != nil {
 			return err
 		}
@@ -60,7 +61,7 @@ func bench(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&j.FlushEvery, "flush-every", 0, "on every queue, send a FLUSH after every N writes (0: never)")
 	fs.BoolVar(&j.Verify, "verify", false, "write self-checking data, check every read of it, and read back every block written at the end")
 	fs.Func("size", "region to use from offset 0: bytes, or with K/M/G/T (default: the device's capacity)", func(s string) error {
-		n, err := parseSize(s)
+		n, err := config.ParseSize(s)
 		j.Size = n
 		return err
 	})
