@@ -43,7 +43,9 @@ type conn struct {
 	regions  []*mappedRegion
 	mem      *virtio.GuestMemory
 	rings    []*vring
-	backend  backendChannel // SET_BACKEND_REQ_FD: for config change notifications
+	backend  backendChannel  // SET_BACKEND_REQ_FD: for config change notifications
+	inflight *inflightBuffer // SET_INFLIGHT_FD: where the rings track popped chains
+	replyFds []int           // descriptors that go with the next reply (GET_INFLIGHT_FD)
 }
 
 func newConn(sock *net.UnixConn, dev Device, numQueues int, log *logrus.Entry) *conn {
@@ -108,7 +110,22 @@ func (c *conn) handle(m *Message) error {
 }
 
 func (c *conn) send(req Request, payload []byte) error {
-	if _, err := c.sock.Write(encodeReply(req, payload)); err != nil {
+	b := encodeReply(req, payload)
+	var err error
+	if fds := c.replyFds; len(fds) > 0 {
+		c.replyFds = nil
+		var n int
+		n, _, err = c.sock.WriteMsgUnix(b, unix.UnixRights(fds...), nil)
+		if err == nil && n < len(b) {
+			_, err = c.sock.Write(b[n:]) // the descriptors went with the first part
+		}
+		for _, fd := range fds {
+			unix.Close(fd) // the front-end has its own copies now
+		}
+	} else {
+		_, err = c.sock.Write(b)
+	}
+	if err != nil {
 		return fmt.Errorf("writing %v reply: %w", req, err)
 	}
 	return nil
@@ -122,7 +139,7 @@ func noFds(m *Message) error { return m.wantFds(0) }
 // asked for.
 func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 	switch m.Request {
-	case SetMemTable, AddMemReg, RemMemReg, SetVringKick, SetVringCall, SetVringErr, SetBackendReqFd:
+	case SetMemTable, AddMemReg, RemMemReg, SetVringKick, SetVringCall, SetVringErr, SetBackendReqFd, SetInflightFd:
 		// these check their descriptors themselves
 	default:
 		if err := noFds(m); err != nil {
@@ -219,6 +236,11 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 			return nil, false, err
 		}
 		return nil, false, c.dev.WriteConfig(cfg.Offset, cfg.Data)
+	case GetInflightFd:
+		reply, err := c.getInflightFd(m)
+		return reply, true, err
+	case SetInflightFd:
+		return nil, false, c.setInflightFd(m)
 	}
 	return nil, false, fmt.Errorf("%w: unsupported request %v", ErrProtocol, m.Request)
 }
@@ -356,26 +378,30 @@ func (c *conn) startRing(v *vring) error {
 	if err != nil {
 		return fmt.Errorf("queue %d: %w", v.index, err)
 	}
-	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	resumed, err := c.resumeInflight(v, ring)
 	if err != nil {
-		return fmt.Errorf("queue %d: eventfd: %w", v.index, err)
+		return fmt.Errorf("queue %d: %w", v.index, err)
+	}
+	kick, err := newKickWaiter(v.kick)
+	if err != nil {
+		return fmt.Errorf("queue %d: %w", v.index, err)
 	}
 	v.q = &virtio.Queue{Index: v.index, Ring: ring, Mem: c.mem, Notify: &v.call}
-	v.wake = wake
+	v.waiter = kick
 	v.broken.Store(false)
 	v.done = make(chan struct{})
 	c.log.WithFields(logrus.Fields{"queue": v.index, "size": v.num, "base": v.base, "used": ring.UsedIdx()}).Debug("ring started")
-	go c.runRing(v, v.q, v.kick, wake, v.done)
+	go c.runRing(v, v.q, kick, v.done, resumed)
 	return nil
 }
 
 // runRing is the goroutine of a started ring: it waits for kicks and pokes
-// and processes the ring while it is enabled.
-func (c *conn) runRing(v *vring, q *virtio.Queue, kick, wake int, done chan struct{}) {
+// and processes the ring while it is enabled. A ring resumed from the
+// inflight buffer interrupts the driver once when it first runs: the back-end
+// that died may have published used elements without the interrupt.
+func (c *conn) runRing(v *vring, q *virtio.Queue, kick *kickWaiter, done chan struct{}, resumed bool) {
 	defer close(done)
 	log := c.log.WithField("queue", v.index)
-	fds := []unix.PollFd{{Fd: int32(kick), Events: unix.POLLIN}, {Fd: int32(wake), Events: unix.POLLIN}}
-	var buf [8]byte
 	for {
 		// Process first: buffers may have been made available before the
 		// kick descriptor was set, or while the ring was disabled.
@@ -385,30 +411,17 @@ func (c *conn) runRing(v *vring, q *virtio.Queue, kick, wake int, done chan stru
 				v.broken.Store(true)
 				v.err.Notify()
 			}
-		}
-		for {
-			fds[0].Revents, fds[1].Revents = 0, 0
-			_, err := unix.Poll(fds, -1)
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				log.WithError(err).Error("poll on kick descriptor failed; ring stopped")
-				return
-			}
-			break
-		}
-		if fds[1].Revents != 0 {
-			unix.Read(wake, buf[:])
-			if v.stopping.Load() {
-				return
+			if resumed {
+				resumed = false
+				v.call.Notify()
 			}
 		}
-		if fds[0].Revents&unix.POLLIN != 0 {
-			unix.Read(kick, buf[:])
-		} else if fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
-			log.Error("kick descriptor failed; waiting for the ring to be stopped")
-			fds[0].Fd = -1 // poll ignores it from now on
+		if err := kick.wait(); err != nil {
+			log.WithError(err).Error("kick descriptor failed; waiting for the ring to be stopped")
+			kick.waitPoke()
+		}
+		if v.stopping.Load() {
+			return
 		}
 	}
 }
@@ -425,8 +438,8 @@ func (c *conn) stopRing(v *vring) {
 	<-v.done
 	v.q.Drain()
 	v.base = v.q.Ring.LastAvail()
-	unix.Close(v.wake)
-	v.wake, v.q, v.done = -1, nil, nil
+	v.waiter.close()
+	v.waiter, v.q, v.done = nil, nil, nil
 	v.stopping.Store(false)
 }
 
@@ -553,6 +566,7 @@ func (c *conn) reset() {
 		v.err.set(-1, "")
 		c.rings[i] = newVring(i)
 	}
+	c.dropInflight() // the front-end gets a new buffer for the reset device
 	c.features = 0
 	c.dev.SetFeatures(0)
 	c.log.Info("device reset")
@@ -568,6 +582,7 @@ func (c *conn) cleanup() {
 	}
 	unmapAll(c.regions)
 	c.regions, c.mem = nil, nil
+	c.dropInflight()
 	c.backend.close()
 	c.sock.Close()
 }

@@ -1,8 +1,11 @@
 package vhostuser
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -51,24 +54,72 @@ type vring struct {
 
 	// While started: the queue and the goroutine serving it.
 	q        *virtio.Queue
-	wake     int // eventfd poking the goroutine (stop, enable)
+	waiter   *kickWaiter // the goroutine waits for kicks and pokes on it
 	stopping atomic.Bool
 	broken   atomic.Bool
 	done     chan struct{}
 }
 
 func newVring(index int) *vring {
-	return &vring{index: index, kick: -1, wake: -1}
+	return &vring{index: index, kick: -1}
 }
 
 func (v *vring) started() bool { return v.done != nil }
 
-// poke wakes the ring's goroutine.
+// poke wakes the ring's goroutine (to stop, or to process after an enable).
 func (v *vring) poke() {
-	if v.wake >= 0 {
-		unix.Write(v.wake, eventOne)
+	if v.waiter != nil {
+		v.waiter.poke()
 	}
 }
+
+// kickWaiter waits for the front-end's kicks through Go's network poller, on
+// a non-blocking duplicate of the kick eventfd: the ring's goroutine then
+// parks like any goroutine instead of holding a thread in poll(2), which saves
+// a thread hand-off on every kick. A poke sets a read deadline in the past,
+// which ends the current (or next) wait at once.
+type kickWaiter struct {
+	f      *os.File
+	pokedc chan struct{} // for waitPoke, after the kick descriptor failed
+}
+
+func newKickWaiter(kick int) (*kickWaiter, error) {
+	fd, err := unix.FcntlInt(uintptr(kick), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dup kick descriptor: %w", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("kick descriptor: %w", err)
+	}
+	return &kickWaiter{f: os.NewFile(uintptr(fd), "vring-kick"), pokedc: make(chan struct{}, 1)}, nil
+}
+
+// wait returns after a kick or a poke; an error means the kick descriptor is
+// unusable.
+func (k *kickWaiter) wait() error {
+	var buf [8]byte
+	_, err := k.f.Read(buf[:])
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		k.f.SetReadDeadline(time.Time{})
+		return nil
+	}
+	return err
+}
+
+// waitPoke waits for the next poke only.
+func (k *kickWaiter) waitPoke() { <-k.pokedc }
+
+// poke ends the current or next wait.
+func (k *kickWaiter) poke() {
+	k.f.SetReadDeadline(time.Unix(1, 0))
+	select {
+	case k.pokedc <- struct{}{}:
+	default:
+	}
+}
+
+func (k *kickWaiter) close() { k.f.Close() }
 
 func (v *vring) closeKick() {
 	if v.kick >= 0 {

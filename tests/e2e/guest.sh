@@ -7,11 +7,12 @@
 #   E2E FAIL <check> <detail>
 # and the phase ends with "E2E done <phase>". The host knows which checks each phase must report,
 # so a script that stops early fails the test. Parameters come on the kernel command line:
-#   vublk.phase=  main | reconnect | verify | crashwork | service
+#   vublk.phase=  main | reconnect | verify | crashwork | service | restart
 #   vublk.size=   expected size of /dev/vda in bytes
 #   vublk.serial= expected serial of /dev/vda
 #   vublk.rosize= expected size of the read-only /dev/vdb
 #   vublk.newsize= the size /dev/vda grows to (service phase)
+#   vublk.seconds= how long the restart phase writes and verifies
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /usr/bin /usr/sbin /sbin
 /bin/busybox --install -s /bin
@@ -196,12 +197,68 @@ phase_service() {
 	run read_grown sh -c "dd if=/dev/vda bs=64k skip=$last count=1 iflag=direct 2>/dev/null | cmp -n 65536 - /tmp/data"
 }
 
+# The host SIGKILLs vublk and restarts it on the same socket and file several times while this
+# runs; QEMU reconnects (-chardev socket,reconnect=1) and the new vublk resubmits the requests that
+# were in flight. Every request must succeed, every byte must verify, and the kernel must log no
+# I/O error.
+phase_restart() {
+	secs=$(param seconds)
+	end=$(($(date +%s) + ${secs:-30}))
+	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	echo "E2E restart-running"
+	# Random 4 KiB writes from two jobs with 16 in flight each and a flush after every four,
+	# verified with crc32c, run after run on the first 16 MiB ...
+	(
+		n=0
+		while [ "$(date +%s)" -lt $end ]; do
+			if ! $T/fio --name=restart --filename=/dev/vda --thread --direct=1 --ioengine=libaio \
+				--iodepth=16 --rw=randwrite --bs=4k --size=8M --numjobs=2 --offset_increment=8M --fsync=4 \
+				--verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting >/tmp/fio.out 2>&1; then
+				tail -n 20 /tmp/fio.out
+				echo "fio run $n failed"
+				exit 1
+			fi
+			n=$((n + 1))
+		done
+		echo "$n fio runs"
+	) >/tmp/fio.log 2>&1 &
+	fiopid=$!
+	# ... while 4 MiB direct writes of two alternating patterns go to overlapping places from
+	# 64 MiB on, each read back and compared: a lost write, or an old one run again, shows.
+	dd if=/dev/urandom of=/tmp/p0 bs=1M count=4 2>/dev/null
+	dd if=/dev/urandom of=/tmp/p1 bs=1M count=4 2>/dev/null
+	i=0
+	ddfail=
+	while [ "$(date +%s)" -lt $end ]; do
+		off=$((64 + i % 64))
+		p=/tmp/p$((i % 2))
+		if ! dd if=$p of=/dev/vda bs=1M seek=$off count=4 oflag=direct conv=fsync 2>/tmp/dd.err; then
+			ddfail="write $i at $off MiB: $(tail -n 1 /tmp/dd.err)"
+			break
+		fi
+		if ! dd if=/dev/vda bs=1M skip=$off count=4 iflag=direct 2>/dev/null | cmp -s - $p; then
+			ddfail="read back $i at $off MiB differs"
+			break
+		fi
+		i=$((i + 1))
+	done
+	if [ -z "$ddfail" ]; then ok restart_dd "$i rounds"; else fail restart_dd "$ddfail"; fi
+	if wait $fiopid; then
+		ok restart_fio "$(tail -n 1 /tmp/fio.log)"
+	else
+		tail -n 20 /tmp/fio.log
+		fail restart_fio "fio failed"
+	fi
+	expect restart_io_errors "$(dmesg | grep -ci 'i/o error')" 0
+}
+
 case "$PHASE" in
 main) phase_main ;;
 reconnect) phase_reconnect ;;
 verify) phase_verify ;;
 crashwork) phase_crashwork ;;
 service) phase_service ;;
+restart) phase_restart ;;
 *) fail phase "unknown phase '$PHASE'" ;;
 esac
 echo "E2E done $PHASE"

@@ -372,6 +372,7 @@ type vm struct {
 type disk struct {
 	socket    string
 	numQueues int
+	reconnect bool // QEMU reconnects to a back-end that went away (-chardev socket,reconnect=1)
 }
 
 // boot describes one guest run.
@@ -404,7 +405,11 @@ func bootGuest(t *testing.T, b boot) *vm {
 	}
 	for i, d := range b.disks {
 		id := fmt.Sprintf("vublk%d", i)
-		args = append(args, "-chardev", "socket,id="+id+",path="+d.socket,
+		chardev := "socket,id=" + id + ",path=" + d.socket
+		if d.reconnect {
+			chardev += ",reconnect=1"
+		}
+		args = append(args, "-chardev", chardev,
 			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=%s,num-queues=%d", id, d.numQueues))
 	}
 	v := &vm{cmd: exec.Command("qemu-system-x86_64", args...), results: map[string]string{}}

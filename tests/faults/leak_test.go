@@ -115,8 +115,9 @@ func ack(t *testing.T, c *frontend.Conn, req vhostuser.Request, payload []byte, 
 // server: connect, set up memory and queues, do I/O, go away, in four ways
 // in turn: a clean close; a close with requests in flight; RESET_DEVICE or
 // RESET_OWNER and then reuse of the same connection; a memory table
-// replaced while requests run. Afterwards the process has no more open
-// descriptors and no more memfd mappings than before.
+// replaced while requests run. Every third session shares an inflight
+// buffer. Afterwards the process has no more open descriptors and no more
+// memfd mappings than before.
 func TestNoLeaksAcrossConnections(t *testing.T) {
 	cycles := 100
 	if testing.Short() {
@@ -136,7 +137,8 @@ func TestNoLeaksAcrossConnections(t *testing.T) {
 	kinds := []string{"clean close", "close in flight", "reset and reuse", "new memory table"}
 	cycle := func(i int) {
 		kind := kinds[i%len(kinds)]
-		d, err := frontend.Connect(a.sock, frontend.Options{NumQueues: numQueues, QueueSize: 32, EventIdx: i%2 == 0, MemSize: 8 << 20})
+		d, err := frontend.Connect(a.sock, frontend.Options{NumQueues: numQueues, QueueSize: 32, EventIdx: i%2 == 0, MemSize: 8 << 20,
+			Inflight: i%3 == 0})
 		if err != nil {
 			t.Fatalf("cycle %d (%s): %v", i, kind, err)
 		}

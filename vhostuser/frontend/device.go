@@ -43,6 +43,10 @@ type Options struct {
 	// DropFeatures are device feature bits not to acknowledge even when
 	// offered (e.g. 1<<virtio.BlkFFlush for a driver without flushes).
 	DropFeatures uint64
+	// Inflight negotiates VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD if offered
+	// and shares an inflight buffer with the back-end, as QEMU does, so
+	// that Reconnect can resume after the back-end died (inflight.go).
+	Inflight bool
 }
 
 // blkFeatures are the device features this front-end understands.
@@ -66,6 +70,7 @@ type Device struct {
 	features uint64
 	protocol uint64
 	maxQueue int
+	inflight *inflightBuf // nil: no inflight buffer
 
 	mu     sync.Mutex // serialises StopQueue, StartQueue and Close
 	closed bool
@@ -108,6 +113,9 @@ func (d *Device) setup(opt Options) error {
 		return fmt.Errorf("%w: protocol features %#x lack CONFIG", ErrNotOffered, pf)
 	}
 	d.protocol = pf & wantProtocol
+	if opt.Inflight {
+		d.protocol |= pf & (1 << vhostuser.ProtocolFInflightShmfd)
+	}
 	if err := c.SetProtocolFeatures(d.protocol); err != nil {
 		return err
 	}
@@ -144,6 +152,11 @@ func (d *Device) setup(opt Options) error {
 	}
 	if err := c.SetFeatures(d.features); err != nil {
 		return err
+	}
+	if d.protocol&(1<<vhostuser.ProtocolFInflightShmfd) != 0 {
+		if err := d.setupInflight(opt.NumQueues, opt.QueueSize); err != nil {
+			return err
+		}
 	}
 
 	if d.mem, err = NewMemory(opt.MemSize, opt.Regions); err != nil {
@@ -316,6 +329,9 @@ func (d *Device) Close() error {
 	}
 	if d.mem != nil {
 		err = errors.Join(err, d.mem.Close())
+	}
+	if d.inflight != nil {
+		err = errors.Join(err, d.inflight.close())
 	}
 	return err
 }

@@ -1,0 +1,127 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestBackendRestart kills vublk with SIGKILL several times while a guest writes and verifies,
+// and restarts it on the same socket and file each time. QEMU reconnects (-chardev
+// socket,reconnect=1) and hands the new vublk the inflight buffer
+// (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), which resubmits the requests the dead one had taken.
+// The guest must see no I/O error, and its data must verify.
+func TestBackendRestart(t *testing.T) {
+	// At least minKills kills, and more until wantResumed restarts have found requests in flight
+	// (a kill lands between requests more often than not), at most maxKills, while the guest
+	// writes (60 s).
+	const minKills, maxKills, wantResumed = 4, 12, 2
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.img")
+	sock := filepath.Join(dir, "rw.sock")
+	args := []string{"--blk-file", img, "--size", "1G", "--lanes", "4", "--name", "rw"}
+	d := startVublk(t, sock, args...)
+	starve(t, d)
+
+	running := make(chan struct{})
+	var once sync.Once
+	result := make(chan *vm, 1)
+	go func() {
+		result <- bootGuest(t, boot{
+			disks:  []disk{{socket: sock, numQueues: 2, reconnect: true}},
+			params: map[string]string{"phase": "restart", "size": strconv.Itoa(diskSize), "seconds": "60"},
+			// A minute of I/O, then checks: a guest whose requests were lost hangs.
+			timeout: 5 * time.Minute,
+			onLine: func(line string) {
+				if line == "E2E restart-running" {
+					once.Do(func() { close(running) })
+				}
+			},
+		})
+	}()
+	select {
+	case <-running:
+	case v := <-result:
+		t.Fatalf("the guest ended before its workload started; console:\n%s", v.console.String())
+	case <-time.After(5 * time.Minute):
+		t.Fatal("the guest did not start its workload")
+	}
+
+	daemons := []*daemon{d}
+	resumed := func() int {
+		n := 0
+		for _, d := range daemons[1:] {
+			if d.countLogs("resuming the queue from the inflight buffer") > 0 {
+				n++
+			}
+		}
+		return n
+	}
+	deadline := time.Now().Add(45 * time.Second)
+	kills := 0
+	for i := 0; i < maxKills && time.Now().Before(deadline) && (i < minKills || resumed() < wantResumed); i++ {
+		kills++
+		time.Sleep(time.Duration(1500+rand.IntN(2500)) * time.Millisecond)
+		d.cmd.Process.Kill() // SIGKILL: no draining, requests stay in flight
+		<-d.done
+		t.Logf("kill %d: vublk killed", i+1)
+		d = startVublk(t, sock, args...)
+		starve(t, d)
+		daemons = append(daemons, d)
+		waitLog(t, d, "front-end connected", time.Minute)
+		t.Logf("kill %d: QEMU reconnected to the new vublk", i+1)
+	}
+	v := <-result
+	v.expectChecks(t, "restart", []string{"size", "restart_dd", "restart_fio", "restart_io_errors"})
+
+	t.Logf("%d restarts, %d of them resubmitted requests in flight", kills, resumed())
+	if resumed() == 0 {
+		t.Error("no restart found requests in flight: resubmission was not exercised")
+	}
+	stats, err := d.stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := stats["errors"].(float64); n != 0 {
+		t.Errorf("the last vublk counted %v errors", n)
+	}
+}
+
+// starve runs every thread of the daemon at nice 19: it loses the CPU to QEMU's busy TCG threads,
+// so the requests it has taken stay in flight for a while, as on a slow or loaded host, and a
+// SIGKILL at a random moment catches some. Threads it starts later inherit the nice value.
+func starve(t *testing.T, d *daemon) {
+	t.Helper()
+	pid := d.cmd.Process.Pid
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		tid, err := strconv.Atoi(task.Name())
+		if err != nil {
+			continue
+		}
+		if err := syscall.Setpriority(syscall.PRIO_PROCESS, tid, 19); err != nil {
+			t.Fatalf("renice thread %d of vublk: %v", tid, err)
+		}
+	}
+}
+
+// waitLog waits until the daemon has logged msg.
+func waitLog(t *testing.T, d *daemon, msg string, timeout time.Duration) {
+	t.Helper()
+	for start := time.Now(); d.countLogs(msg) == 0; time.Sleep(50 * time.Millisecond) {
+		if time.Since(start) > timeout {
+			t.Fatalf("vublk did not log %q within %v", msg, timeout)
+		}
+	}
+}

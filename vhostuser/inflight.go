@@ -1,0 +1,391 @@
+package vhostuser
+
+// Inflight I/O tracking (vhost-user.rst, "Inflight I/O tracking",
+// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): the back-end records in a buffer
+// shared with the front-end which chains it has popped and not completed.
+// The front-end keeps the buffer when the back-end dies and hands it to the
+// restarted back-end (SET_INFLIGHT_FD), which resubmits those chains in the
+// order they were first popped and continues popping after them. The guest
+// sees every request completed exactly once.
+//
+// The buffer holds one region per queue. A split queue's region is a 16-byte
+// header (features u64, version u16, desc_num u16, last_batch_head u16,
+// used_idx u16) and desc_num 16-byte descriptor states (inflight u8, five
+// bytes of padding, next u16, counter u64), all little-endian.
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math"
+	"slices"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/vublk/vublk/virtio"
+)
+
+const (
+	inflightVersion    = 1
+	inflightHeaderSize = 16
+	inflightDescSize   = 16
+	// inflightAlign is the alignment of each queue's region; with it our
+	// layout is the one libvhost-user uses.
+	inflightAlign = 64
+	// inflightMsgSize is struct VhostUserInflight with its trailing padding.
+	inflightMsgSize = 24
+
+	// Offsets in a queue region's header and in a descriptor state.
+	inflightOffVersion   = 8
+	inflightOffDescNum   = 10
+	inflightOffLastBatch = 12
+	inflightOffUsedIdx   = 14
+	descOffInflight      = 0
+	descOffNext          = 6
+	descOffCounter       = 8
+)
+
+// InflightMsg is the payload of GET_INFLIGHT_FD and SET_INFLIGHT_FD (the
+// inflight description).
+type InflightMsg struct {
+	MmapSize, MmapOffset uint64
+	NumQueues, QueueSize uint16
+}
+
+// Inflight decodes an inflight description.
+func (m *Message) Inflight() (InflightMsg, error) {
+	if err := m.wantSize(inflightMsgSize); err != nil {
+		return InflightMsg{}, err
+	}
+	le := binary.LittleEndian
+	p := m.Payload
+	return InflightMsg{MmapSize: le.Uint64(p[0:]), MmapOffset: le.Uint64(p[8:]), NumQueues: le.Uint16(p[16:]), QueueSize: le.Uint16(p[18:])}, nil
+}
+
+func (im InflightMsg) encode() []byte {
+	p := make([]byte, inflightMsgSize)
+	le := binary.LittleEndian
+	le.PutUint64(p[0:], im.MmapSize)
+	le.PutUint64(p[8:], im.MmapOffset)
+	le.PutUint16(p[16:], im.NumQueues)
+	le.PutUint16(p[18:], im.QueueSize)
+	return p
+}
+
+// InflightQueueRegionSize is the size of one split queue's inflight region
+// for queues of queueSize entries.
+func InflightQueueRegionSize(queueSize int) int {
+	n := inflightHeaderSize + inflightDescSize*queueSize
+	return (n + inflightAlign - 1) &^ (inflightAlign - 1)
+}
+
+// checkShape checks the queue count and size of an inflight description.
+func (im InflightMsg) checkShape(maxQueues int) error {
+	qs := int(im.QueueSize)
+	switch {
+	case im.NumQueues == 0 || int(im.NumQueues) > maxQueues:
+		return fmt.Errorf("%w: inflight buffer for %d queues, the device has %d", ErrProtocol, im.NumQueues, maxQueues)
+	case qs == 0 || qs > virtio.MaxQueueSize || qs&(qs-1) != 0:
+		return fmt.Errorf("%w: inflight buffer for queues of %d entries", ErrProtocol, qs)
+	}
+	return nil
+}
+
+// newInflightBuffer answers GET_INFLIGHT_FD: a zeroed memfd holding one
+// region per queue (version 0: not yet initialised). It is sealed against
+// resizing, so that no one can truncate it under our mapping and turn an
+// access into SIGBUS.
+func newInflightBuffer(req InflightMsg, maxQueues int) (fd int, reply InflightMsg, err error) {
+	if err := req.checkShape(maxQueues); err != nil {
+		return -1, InflightMsg{}, err
+	}
+	size := int64(req.NumQueues) * int64(InflightQueueRegionSize(int(req.QueueSize)))
+	fd, err = unix.MemfdCreate("vublk-inflight", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return -1, InflightMsg{}, fmt.Errorf("inflight buffer: memfd_create: %w", err)
+	}
+	if err := unix.Ftruncate(fd, size); err != nil {
+		unix.Close(fd)
+		return -1, InflightMsg{}, fmt.Errorf("inflight buffer: size %d: %w", size, err)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
+		unix.Close(fd)
+		return -1, InflightMsg{}, fmt.Errorf("inflight buffer: seal: %w", err)
+	}
+	return fd, InflightMsg{MmapSize: uint64(size), NumQueues: req.NumQueues, QueueSize: req.QueueSize}, nil
+}
+
+// inflightBuffer is the buffer of SET_INFLIGHT_FD mapped into this process.
+type inflightBuffer struct {
+	mapping   []byte // the whole mmap, for munmap
+	queues    [][]byte
+	queueSize int
+}
+
+// mapInflightBuffer maps the buffer the front-end handed over. It always
+// closes fd. The buffer must lie inside its file (a mapping beyond it would
+// raise SIGBUS on access) and hold a region of the size we use for every
+// queue.
+func mapInflightBuffer(im InflightMsg, fd int, maxQueues int) (*inflightBuffer, error) {
+	defer unix.Close(fd)
+	if err := im.checkShape(maxQueues); err != nil {
+		return nil, err
+	}
+	per := uint64(InflightQueueRegionSize(int(im.QueueSize)))
+	need := uint64(im.NumQueues) * per
+	end := im.MmapOffset + im.MmapSize
+	switch {
+	case im.MmapSize < need:
+		return nil, fmt.Errorf("%w: inflight buffer of %d bytes for %d queues of %d entries, want %d", ErrProtocol, im.MmapSize, im.NumQueues, im.QueueSize, need)
+	case end < im.MmapOffset || end > math.MaxInt:
+		return nil, fmt.Errorf("%w: inflight buffer offset %#x size %#x overflows", ErrProtocol, im.MmapOffset, im.MmapSize)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("stat inflight fd: %w", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil, fmt.Errorf("%w: inflight fd is not a memory file", ErrProtocol)
+	}
+	if uint64(st.Size) < end {
+		return nil, fmt.Errorf("%w: inflight buffer ends at %#x beyond its file of %#x bytes", ErrProtocol, end, st.Size)
+	}
+	// Map from offset 0, as for guest memory: mmap wants a page-aligned
+	// offset, which mmap_offset need not be.
+	m, err := unix.Mmap(fd, 0, int(end), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mmap inflight buffer: %w", err)
+	}
+	b := &inflightBuffer{mapping: m, queueSize: int(im.QueueSize)}
+	for i := range uint64(im.NumQueues) {
+		start := im.MmapOffset + i*per
+		b.queues = append(b.queues, m[start:start+per:start+per])
+	}
+	return b, nil
+}
+
+func (b *inflightBuffer) unmap() {
+	if b != nil && b.mapping != nil {
+		unix.Munmap(b.mapping)
+		b.mapping, b.queues = nil, nil
+	}
+}
+
+// inflightQueue is one split queue's region: the virtio.InflightLog of a
+// running ring. Its stores are plain stores in program order, which is the
+// order they reach memory when the process is killed (the kernel sees every
+// store made before the kill, none after); the front-end only hands the
+// buffer on, it never reads it while we run.
+type inflightQueue struct {
+	b       []byte
+	counter uint64 // popping order of the next chain popped
+}
+
+var _ virtio.InflightLog = (*inflightQueue)(nil)
+
+func (q *inflightQueue) desc(head uint16) []byte {
+	off := inflightHeaderSize + inflightDescSize*int(head)
+	return q.b[off : off+inflightDescSize]
+}
+
+func (q *inflightQueue) u16(off int) uint16       { return binary.LittleEndian.Uint16(q.b[off:]) }
+func (q *inflightQueue) setU16(off int, v uint16) { binary.LittleEndian.PutUint16(q.b[off:], v) }
+
+// Popped implements virtio.InflightLog: counter first, then the flag, so a
+// chain marked in flight always has its order.
+func (q *inflightQueue) Popped(head uint16) {
+	d := q.desc(head)
+	binary.LittleEndian.PutUint64(d[descOffCounter:], q.counter)
+	q.counter++
+	d[descOffInflight] = 1
+}
+
+// Publishing implements virtio.InflightLog: head becomes the last batch (of
+// one: used elements are published one at a time).
+func (q *inflightQueue) Publishing(head uint16) {
+	binary.LittleEndian.PutUint16(q.desc(head)[descOffNext:], q.u16(inflightOffLastBatch))
+	q.setU16(inflightOffLastBatch, head)
+}
+
+// Published implements virtio.InflightLog: the flag is cleared before
+// used_idx catches up with the ring, so that a kill in between is seen as an
+// unfinished batch and repaired by resume.
+func (q *inflightQueue) Published(head, usedIdx uint16) {
+	q.desc(head)[descOffInflight] = 0
+	q.setU16(inflightOffUsedIdx, usedIdx)
+}
+
+// resume prepares the region for a ring of ringSize entries whose used
+// index is usedIdx, and returns what the ring must do: continue popping at
+// lastAvail after resubmitting the heads in resubmit, in order. A region
+// never used before (version 0) is initialised and fresh is true: the ring
+// starts where the front-end said (SET_VRING_BASE).
+func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (lastAvail uint16, resubmit []uint16, fresh bool, err error) {
+	version := q.u16(inflightOffVersion)
+	switch {
+	case ringSize > queueSize:
+		return 0, nil, false, fmt.Errorf("%w: ring of %d entries, inflight buffer for %d", ErrProtocol, ringSize, queueSize)
+	case version == 0:
+		clear(q.b)
+		q.setU16(inflightOffDescNum, uint16(queueSize))
+		q.setU16(inflightOffUsedIdx, usedIdx)
+		q.setU16(inflightOffVersion, inflightVersion)
+		return 0, nil, true, nil
+	case version != inflightVersion:
+		return 0, nil, false, fmt.Errorf("%w: inflight region version %d", ErrProtocol, version)
+	case int(q.u16(inflightOffDescNum)) != queueSize:
+		return 0, nil, false, fmt.Errorf("%w: inflight region for %d descriptors, want %d", ErrProtocol, q.u16(inflightOffDescNum), queueSize)
+	}
+	// A batch was published (the used index moved) but its descriptors
+	// were not cleared: clear them now, following the batch list. A
+	// difference larger than a ring is no batch: the region does not
+	// belong to this ring state, which is harmless only if nothing in it
+	// is in flight.
+	if batch := usedIdx - q.u16(inflightOffUsedIdx); batch != 0 {
+		if int(batch) <= ringSize {
+			head := q.u16(inflightOffLastBatch)
+			for range batch {
+				if int(head) >= ringSize {
+					return 0, nil, false, fmt.Errorf("%w: inflight batch list reaches descriptor %d of %d", ErrProtocol, head, ringSize)
+				}
+				d := q.desc(head)
+				d[descOffInflight] = 0
+				head = binary.LittleEndian.Uint16(d[descOffNext:])
+			}
+		} else if q.anyInflight(queueSize) {
+			return 0, nil, false, fmt.Errorf("%w: used index %d, inflight region says %d", ErrProtocol, usedIdx, q.u16(inflightOffUsedIdx))
+		}
+		q.setU16(inflightOffUsedIdx, usedIdx)
+	}
+	type pending struct {
+		head    uint16
+		counter uint64
+	}
+	var found []pending
+	for i := range queueSize {
+		d := q.desc(uint16(i))
+		switch d[descOffInflight] {
+		case 0:
+			continue
+		case 1:
+		default:
+			return 0, nil, false, fmt.Errorf("%w: descriptor %d has inflight flag %d", ErrProtocol, i, d[descOffInflight])
+		}
+		if i >= ringSize {
+			return 0, nil, false, fmt.Errorf("%w: descriptor %d in flight in a ring of %d", ErrProtocol, i, ringSize)
+		}
+		found = append(found, pending{uint16(i), binary.LittleEndian.Uint64(d[descOffCounter:])})
+	}
+	slices.SortFunc(found, func(a, b pending) int {
+		switch {
+		case a.counter < b.counter:
+			return -1
+		case a.counter > b.counter:
+			return 1
+		}
+		return int(a.head) - int(b.head)
+	})
+	q.counter = 0
+	for _, p := range found {
+		resubmit = append(resubmit, p.head)
+		q.counter = max(q.counter, p.counter+1)
+	}
+	// Every chain popped was either published (usedIdx counts it) or is
+	// in flight: popping continues after both.
+	return usedIdx + uint16(len(found)), resubmit, false, nil
+}
+
+func (q *inflightQueue) anyInflight(queueSize int) bool {
+	for i := range queueSize {
+		if q.desc(uint16(i))[descOffInflight] != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// getInflightFd handles GET_INFLIGHT_FD: a new buffer, whose descriptor goes
+// with the reply.
+func (c *conn) getInflightFd(m *Message) ([]byte, error) {
+	if c.protocol&(1<<ProtocolFInflightShmfd) == 0 {
+		return nil, fmt.Errorf("%w: GET_INFLIGHT_FD without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD", ErrProtocol)
+	}
+	req, err := m.Inflight()
+	if err != nil {
+		return nil, err
+	}
+	fd, reply, err := newInflightBuffer(req, c.numQueues)
+	if err != nil {
+		return nil, err
+	}
+	c.replyFds = append(c.replyFds, fd)
+	c.log.WithFields(logrus.Fields{"queues": reply.NumQueues, "queue_size": reply.QueueSize, "bytes": reply.MmapSize}).Debug("inflight buffer created")
+	return reply.encode(), nil
+}
+
+// setInflightFd handles SET_INFLIGHT_FD: the buffer the rings track their
+// chains in from their next start.
+func (c *conn) setInflightFd(m *Message) error {
+	if err := m.wantFds(1); err != nil {
+		return err
+	}
+	if c.protocol&(1<<ProtocolFInflightShmfd) == 0 {
+		return fmt.Errorf("%w: SET_INFLIGHT_FD without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD", ErrProtocol)
+	}
+	im, err := m.Inflight()
+	if err != nil {
+		return err
+	}
+	fd := m.TakeFd(0)
+	for _, v := range c.rings {
+		if v.started() {
+			unix.Close(fd)
+			return fmt.Errorf("SET_INFLIGHT_FD while queue %d runs", v.index)
+		}
+	}
+	b, err := mapInflightBuffer(im, fd, c.numQueues)
+	if err != nil {
+		return err
+	}
+	c.inflight.unmap()
+	c.inflight = b
+	c.log.WithFields(logrus.Fields{"queues": im.NumQueues, "queue_size": im.QueueSize}).Debug("inflight buffer set")
+	return nil
+}
+
+// dropInflight forgets the inflight buffer; the rings must be stopped.
+func (c *conn) dropInflight() {
+	c.inflight.unmap()
+	c.inflight = nil
+}
+
+// resumeInflight makes a starting ring track its chains in the inflight
+// buffer, and continue where the last back-end left off: chains it popped
+// and never completed are resubmitted first, in the order it popped them.
+// It reports whether anything was resumed (the driver may have missed an
+// interrupt then).
+func (c *conn) resumeInflight(v *vring, ring *virtio.SplitQueue) (bool, error) {
+	if c.inflight == nil {
+		return false, nil
+	}
+	if v.index >= len(c.inflight.queues) {
+		return false, fmt.Errorf("%w: queue %d has no inflight region (%d)", ErrProtocol, v.index, len(c.inflight.queues))
+	}
+	q := &inflightQueue{b: c.inflight.queues[v.index]}
+	lastAvail, resubmit, fresh, err := q.resume(v.num, c.inflight.queueSize, ring.UsedIdx())
+	if err != nil {
+		return false, err
+	}
+	ring.SetInflightLog(q)
+	if fresh {
+		return false, nil
+	}
+	ring.Resume(lastAvail, resubmit)
+	log := c.log.WithFields(logrus.Fields{"queue": v.index, "base": v.base, "last_avail": lastAvail, "resubmit": len(resubmit)})
+	if len(resubmit) > 0 || lastAvail != v.base {
+		log.Info("resuming the queue from the inflight buffer")
+	} else {
+		log.Debug("inflight buffer: nothing to resubmit")
+	}
+	return true, nil
+}
