@@ -209,7 +209,13 @@ func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad 
 	wt := c.writeThrough != ""
 	for points < crashPoints && (bad == 0 || !untilBad) {
 		points++
-		time.Sleep(time.Duration(2000+crng.IntN(8000)) * time.Microsecond)
+		if untilBad {
+			// Hunting a broken barrier: crash as soon as a flush has completed, when what it
+			// should have made durable is most likely still unsynced.
+			r.hist.WaitFlushDone(50 * time.Millisecond)
+		} else {
+			time.Sleep(time.Duration(2000+crng.IntN(8000)) * time.Microsecond)
+		}
 		before := r.hist.Now()
 		img := r.store.Crash(crng)
 		after := r.hist.Now()
@@ -267,8 +273,8 @@ func TestCrashConsistency(t *testing.T) {
 
 // TestCrashCheckerCatchesSyncBeforeDrain runs the same checker against a barrier that syncs
 // before draining (the loop-driver bug) until a crash image shows it: it must be caught.
-// A random crash point catches it only when it falls between such a flush and the next sync and
-// the crash drops a write the flush should have covered, so it takes some tens of points.
+// A crash point catches it only when it falls between such a flush and the next sync and the
+// crash drops a write the flush should have covered, so the crash points follow completed flushes.
 func TestCrashCheckerCatchesSyncBeforeDrain(t *testing.T) {
 	const maxPoints = 600
 	for i, c := range []rigConfig{{lanes: 8, queues: 4, broken: true}, {lanes: 2, queues: 1, broken: true}} {

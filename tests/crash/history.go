@@ -11,6 +11,7 @@ import (
 	"math"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // SectorSize is the granularity of the history and of torn writes.
@@ -48,10 +49,12 @@ type History struct {
 	flushes []*FlushRec
 	nextID  uint64
 	qseq    map[int]int
+	// flushDone has a token after a flush completed (see WaitFlushDone).
+	flushDone chan struct{}
 }
 
 // NewHistory returns an empty history.
-func NewHistory() *History { return &History{qseq: map[int]int{}} }
+func NewHistory() *History { return &History{qseq: map[int]int{}, flushDone: make(chan struct{}, 1)} }
 
 // Now ticks the clock.
 func (h *History) Now() int64 { return h.clock.Add(1) }
@@ -102,6 +105,22 @@ func (h *History) FlushDone(f *FlushRec, ok bool) {
 	h.mu.Lock()
 	f.Complete, f.OK = t, ok
 	h.mu.Unlock()
+	select {
+	case h.flushDone <- struct{}{}:
+	default:
+	}
+}
+
+// WaitFlushDone waits until a flush completes after the call, or until timeout.
+func (h *History) WaitFlushDone(timeout time.Duration) {
+	select {
+	case <-h.flushDone: // drop a completion from before the call
+	default:
+	}
+	select {
+	case <-h.flushDone:
+	case <-time.After(timeout):
+	}
 }
 
 // Snapshot copies the records, for checking against a crash image taken
