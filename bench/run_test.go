@@ -17,44 +17,14 @@ import (
 	"github.com/vublk/vublk/backend"
 	"github.com/vublk/vublk/vhostuser"
 	"github.com/vublk/vublk/vhostuser/frontend"
+	"github.com/vublk/vublk/vhostuser/vhostusertest"
 	"github.com/vublk/vublk/virtio"
 )
 
-// server is an in-process vublk export: socket, rings, lanes, barrier, over
-// a file in a temporary directory.
-type server struct {
-	sock string
-	srv  *vhostuser.Server
-}
-
-func startServer(t *testing.T, size int64, queues int, readOnly bool) *server {
-	t.Helper()
-	store, err := backend.OpenFile(filepath.Join(t.TempDir(), "disk.img"), backend.FileOptions{CreateSize: size})
-	if err != nil {
-		t.Fatal(err)
-	}
-	engine := backend.NewEngine(store, 2)
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{
-		Capacity: uint64(size), BlockSize: 512, PhysicalBlockSize: 4096, NumQueues: uint16(queues),
-		Serial: "bench", Writeback: true, Discard: true, ReadOnly: readOnly,
-	}, log.WithField("export", "bench"))
-	srv := vhostuser.NewServer(dev, queues, log.WithField("export", "bench"))
-	sock := filepath.Join(t.TempDir(), "bench.sock")
-	ln, err := vhostuser.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() { srv.Serve(ln); close(served) }()
-	t.Cleanup(func() {
-		srv.Close()
-		<-served
-		engine.Close()
-		store.Close()
-	})
-	return &server{sock: sock, srv: srv}
+// startServer serves an in-process vublk export (socket, rings, lanes, barrier) over a file in a
+// temporary directory.
+func startServer(t *testing.T, size int64, queues int, readOnly bool) *vhostusertest.Export {
+	return vhostusertest.ServeFile(t, size, queues, readOnly)
 }
 
 func TestRunVublk(t *testing.T) {
@@ -74,7 +44,7 @@ func TestRunVublk(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			res, err := Run(context.Background(), Target{Socket: s.sock, ServerPID: os.Getpid()}, tt.job)
+			res, err := Run(context.Background(), Target{Socket: s.Socket, ServerPID: os.Getpid()}, tt.job)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -177,10 +147,10 @@ func TestRunDeviceMismatch(t *testing.T) {
 		job  Job
 		want string
 	}{
-		{"size beyond the disk", s.sock, Job{Mode: RandRead, BlockSize: 4096, IODepth: 1, Queues: 1, Runtime: time.Second, Size: 2 << 20}, "larger than the device"},
-		{"more queues than the back-end", s.sock, Job{Mode: RandRead, BlockSize: 4096, IODepth: 1, Queues: 2, Runtime: time.Second}, "queues"},
-		{"writes to a read-only disk", ro.sock, Job{Mode: RandWrite, BlockSize: 4096, IODepth: 1, Queues: 1, Runtime: time.Second}, "read-only"},
-		{"verify needs more blocks", s.sock, Job{Mode: RandWrite, BlockSize: 64 << 10, IODepth: 16, Queues: 1, Runtime: time.Second, Verify: true}, "--verify needs more than"},
+		{"size beyond the disk", s.Socket, Job{Mode: RandRead, BlockSize: 4096, IODepth: 1, Queues: 1, Runtime: time.Second, Size: 2 << 20}, "larger than the device"},
+		{"more queues than the back-end", s.Socket, Job{Mode: RandRead, BlockSize: 4096, IODepth: 1, Queues: 2, Runtime: time.Second}, "queues"},
+		{"writes to a read-only disk", ro.Socket, Job{Mode: RandWrite, BlockSize: 4096, IODepth: 1, Queues: 1, Runtime: time.Second}, "read-only"},
+		{"verify needs more blocks", s.Socket, Job{Mode: RandWrite, BlockSize: 64 << 10, IODepth: 16, Queues: 1, Runtime: time.Second, Verify: true}, "--verify needs more than"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -193,7 +163,7 @@ func TestRunDeviceMismatch(t *testing.T) {
 			}
 		})
 	}
-	_, err := Run(context.Background(), Target{Socket: s.sock, ServerPID: 1 << 30}, DefaultJob())
+	_, err := Run(context.Background(), Target{Socket: s.Socket, ServerPID: 1 << 30}, DefaultJob())
 	if !errors.Is(err, ErrBadJob) || !strings.Contains(err.Error(), "--server-pid") {
 		t.Errorf("Run with a server pid that does not exist = %v", err)
 	}
@@ -210,10 +180,10 @@ func TestRunServerGoesAway(t *testing.T) {
 	s := startServer(t, 1<<20, 1, false)
 	go func() {
 		time.Sleep(300 * time.Millisecond)
-		s.srv.Close()
+		s.Server.Close()
 	}()
 	start := time.Now()
-	_, err := Run(context.Background(), Target{Socket: s.sock, StallTimeout: 5 * time.Second},
+	_, err := Run(context.Background(), Target{Socket: s.Socket, StallTimeout: 5 * time.Second},
 		Job{Mode: RandWrite, BlockSize: 4096, IODepth: 8, Queues: 1, Runtime: 10 * time.Second})
 	if !errors.Is(err, ErrDisconnected) {
 		t.Fatalf("Run = %v, want ErrDisconnected", err)
@@ -276,7 +246,7 @@ func TestRunInterrupted(t *testing.T) {
 	s := startServer(t, 1<<20, 1, false)
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(400*time.Millisecond, cancel)
-	res, err := Run(ctx, Target{Socket: s.sock}, Job{Mode: RandRead, BlockSize: 4096, IODepth: 4, Queues: 1,
+	res, err := Run(ctx, Target{Socket: s.Socket}, Job{Mode: RandRead, BlockSize: 4096, IODepth: 4, Queues: 1,
 		Runtime: time.Minute, Ramp: 100 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
@@ -286,7 +256,7 @@ func TestRunInterrupted(t *testing.T) {
 	}
 	ctx, cancel = context.WithCancel(context.Background())
 	cancel()
-	if _, err := Run(ctx, Target{Socket: s.sock}, DefaultJob()); !errors.Is(err, context.Canceled) {
+	if _, err := Run(ctx, Target{Socket: s.Socket}, DefaultJob()); !errors.Is(err, context.Canceled) {
 		t.Errorf("a run cancelled before measuring = %v", err)
 	}
 }

@@ -6,16 +6,15 @@ import (
 	"io"
 	"net"
 	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
 	"github.com/vublk/vublk/backend"
 	"github.com/vublk/vublk/vhostuser"
 	"github.com/vublk/vublk/vhostuser/frontend"
+	"github.com/vublk/vublk/vhostuser/vhostusertest"
 	"github.com/vublk/vublk/virtio"
 )
 
@@ -146,20 +145,9 @@ func testNotifyConfigChange(t *testing.T, replyAck bool) {
 // logging to w, until the test ends.
 func serveCrashStore(t *testing.T, size int64, capacity uint64, w io.Writer) (*vhostuser.Server, *virtio.BlkDevice, string) {
 	t.Helper()
-	log := logrus.New()
-	log.SetOutput(w)
-	engine := backend.NewEngine(backend.NewCrashStore(size), 2)
-	t.Cleanup(func() { engine.Close() })
-	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{Capacity: capacity, BlockSize: 512, NumQueues: 1, Writeback: true}, log.WithField("export", "t"))
-	srv := vhostuser.NewServer(dev, 1, log.WithField("export", "t"))
-	sock := filepath.Join(t.TempDir(), "s.sock")
-	ln, err := vhostuser.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	t.Cleanup(srv.Close) // runs before the engine's close: cleanups run last-in first-out
-	return srv, dev, sock
+	e := vhostusertest.Serve(t, backend.NewCrashStore(size), 2,
+		virtio.BlkConfig{Capacity: capacity, BlockSize: 512, NumQueues: 1, Writeback: true}, w)
+	return e.Server, e.Device, e.Socket
 }
 
 // waitConnected waits until the server has a front-end (NotifyConfigChange stops returning nil).

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,45 +12,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sirupsen/logrus"
-
-	"github.com/vublk/vublk/backend"
 	loadgen "github.com/vublk/vublk/bench"
-	"github.com/vublk/vublk/vhostuser"
-	"github.com/vublk/vublk/virtio"
+	"github.com/vublk/vublk/vhostuser/vhostusertest"
 )
 
-// startBenchServer serves a file in a temporary directory in-process, as
-// vublk serve does (socket, rings, lanes, barrier, FileStore), and returns
-// the socket.
+// startBenchServer serves a file in a temporary directory in-process, as vublk serve does, and
+// returns the socket.
 func startBenchServer(t *testing.T, size int64, queues int) string {
-	t.Helper()
-	store, err := backend.OpenFile(filepath.Join(t.TempDir(), "disk.img"), backend.FileOptions{CreateSize: size})
-	if err != nil {
-		t.Fatal(err)
-	}
-	engine := backend.NewEngine(store, 2)
-	log := logrus.New()
-	log.SetOutput(io.Discard)
-	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{
-		Capacity: uint64(size), BlockSize: 512, PhysicalBlockSize: uint32(store.PhysicalBlockSize()),
-		NumQueues: uint16(queues), Serial: "bench", Writeback: true, Discard: true,
-	}, log.WithField("export", "bench"))
-	srv := vhostuser.NewServer(dev, queues, log.WithField("export", "bench"))
-	sock := filepath.Join(t.TempDir(), "bench.sock")
-	ln, err := vhostuser.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() { srv.Serve(ln); close(served) }()
-	t.Cleanup(func() {
-		srv.Close()
-		<-served
-		engine.Close()
-		store.Close()
-	})
-	return sock
+	return vhostusertest.ServeFile(t, size, queues, false).Socket
 }
 
 func TestBenchUsageErrors(t *testing.T) {
