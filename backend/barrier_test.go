@@ -217,12 +217,12 @@ func TestBarrierHoldsLaterWrites(t *testing.T) {
 		e.Close()
 	}()
 
-	flushed := make(chan int64)
+	flushed := make(chan struct{})
 	go func() {
 		if err := e.Flush(); err != nil {
 			t.Errorf("flush: %v", err)
 		}
-		flushed <- s.clock.Add(1)
+		close(flushed)
 	}()
 	// Wait until the flush has closed the gate.
 	for e.Barrier().epochOpen() {
@@ -241,10 +241,17 @@ func TestBarrierHoldsLaterWrites(t *testing.T) {
 	case <-time.After(50 * time.Millisecond):
 	}
 	s.syncGate <- struct{}{} // let the sync run
-	returned := <-flushed
+	<-flushed
 	wg.Wait()
-	if w := s.writes[7]; w.start < returned {
-		t.Fatalf("write started at %d, before the flush returned at %d", w.start, returned)
+	// The write may start as soon as the flush reopens the gate, which can be before the
+	// flushing goroutine runs again: compare with the end of the flush's sync.
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.syncs) != 1 {
+		t.Fatalf("%d syncs, want 1", len(s.syncs))
+	}
+	if w, synced := s.writes[7], s.syncs[0].end; w.start < synced {
+		t.Fatalf("write started at %d, before the flush's sync ended at %d", w.start, synced)
 	}
 }
 
