@@ -104,6 +104,38 @@ type lane struct {
 // laneDepth is how many requests may wait on one lane before Submit blocks.
 const laneDepth = 256
 
+// IOEngine names how an Engine issues reads and writes to its store.
+type IOEngine string
+
+const (
+	// IOEngineLanes runs every request on a lane: a goroutine that calls
+	// the store's preadv/pwritev and blocks in it.
+	IOEngineLanes IOEngine = "lanes"
+	// IOEngineURing issues the reads and writes of stores that implement
+	// RawIO through io_uring; everything else still runs on the lanes.
+	IOEngineURing IOEngine = "uring"
+)
+
+// EngineOptions configure NewEngineWith.
+type EngineOptions struct {
+	// Lanes is the number of lane workers (at least one).
+	Lanes int
+	// IOEngine is IOEngineLanes (the default when empty) or IOEngineURing.
+	IOEngine IOEngine
+}
+
+// NewEngineWith starts an engine over store as opt says. It fails when the
+// chosen I/O engine cannot run (io_uring missing or refused by the kernel).
+func NewEngineWith(store Store, opt EngineOptions) (*Engine, error) {
+	switch opt.IOEngine {
+	case "", IOEngineLanes:
+		return NewEngine(store, opt.Lanes), nil
+	case IOEngineURing:
+		return nil, fmt.Errorf("io engine %q: %w", opt.IOEngine, ErrNotSupported)
+	}
+	return nil, fmt.Errorf("unknown io engine %q (want %q or %q)", opt.IOEngine, IOEngineLanes, IOEngineURing)
+}
+
 // NewEngine starts lanes workers (at least one) over store.
 func NewEngine(store Store, lanes int) *Engine {
 	lanes = max(lanes, 1)

@@ -41,6 +41,7 @@ var (
 	_ Discarder     = (*FileStore)(nil)
 	_ ZeroWriter    = (*FileStore)(nil)
 	_ DurableWriter = (*FileStore)(nil)
+	_ RawIO         = (*FileStore)(nil)
 )
 
 // OpenFile opens (and with CreateSize, creates) the backing file or block
@@ -190,6 +191,18 @@ func (s *FileStore) WriteAtDurable(bufs [][]byte, off int64) error {
 	return vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
 		return unix.Pwritev2(s.fd, iov, off, unix.RWF_DSYNC)
 	})
+}
+
+// RawFD implements RawIO: every request that passes the checks can be
+// issued as preadv/pwritev on the file's descriptor.
+func (s *FileStore) RawFD(write bool, bufs [][]byte, off int64) (fd int, ok bool, err error) {
+	if write && s.readOnly {
+		return 0, false, ErrReadOnly
+	}
+	if err := s.check(off, totalLen(bufs)); err != nil {
+		return 0, false, err
+	}
+	return s.fd, true, nil
 }
 
 // Sync implements Store with fdatasync.

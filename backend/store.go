@@ -51,3 +51,13 @@ type ZeroWriter interface {
 type DurableWriter interface {
 	WriteAtDurable(bufs [][]byte, off int64) error
 }
+
+// RawIO is implemented by stores whose reads and writes are plain
+// preadv/pwritev on a file descriptor, so that an engine may issue them
+// itself (io_uring). RawFD checks the request as ReadAt or WriteAt would: a
+// non-nil err (out of range, read-only) is the request's result. ok is false
+// when this request must go through ReadAt or WriteAt instead (e.g. buffers
+// that O_DIRECT cannot take as they are).
+type RawIO interface {
+	RawFD(write bool, bufs [][]byte, off int64) (fd int, ok bool, err error)
+}
