@@ -40,7 +40,8 @@ type BlkDevice struct {
 	engine *backend.Engine
 	cfg    BlkConfig
 	log    *logrus.Entry
-	glog   *guestLog
+	glog   *limitedLog // bad requests from the guest
+	slog   *limitedLog // failed store operations
 
 	mu        sync.Mutex
 	features  uint64 // acknowledged by the driver
@@ -61,7 +62,8 @@ func NewBlkDevice(engine *backend.Engine, cfg BlkConfig, log *logrus.Entry) *Blk
 	if cfg.BlockSize == 0 {
 		cfg.BlockSize = SectorSize
 	}
-	d := &BlkDevice{engine: engine, cfg: cfg, log: log, glog: newGuestLog(log), writeback: cfg.Writeback}
+	d := &BlkDevice{engine: engine, cfg: cfg, log: log, glog: newLimitedLog(log, logrus.WarnLevel, "guest errors"),
+		slog: newLimitedLog(log, logrus.ErrorLevel, "storage errors"), writeback: cfg.Writeback}
 	d.capacity.Store(cfg.Capacity)
 	d.pool.New = func() any { return &blkReq{dev: d} }
 	engine.SetWriteThrough(!cfg.Writeback)
@@ -343,8 +345,8 @@ func (d *BlkDevice) getID(r *blkReq) {
 func (r *blkReq) Complete(io *backend.Request) {
 	d := r.dev
 	if io.Err != nil {
-		d.log.WithFields(logrus.Fields{"queue": r.q.Index, "op": io.Op.String(), "offset": io.Offset}).
-			WithError(io.Err).Error("store operation failed")
+		d.slog.Log(logrus.Fields{"queue": r.q.Index, "op": io.Op.String(), "offset": io.Offset, "error": io.Err.Error()},
+			"store operation failed")
 	}
 	d.finish(r, StatusFor(io.Err))
 }
@@ -384,6 +386,6 @@ func (q *Queue) publish(r *blkReq, status uint8, written uint32) (notify bool, e
 }
 
 func (d *BlkDevice) guestError(q *Queue, r *blkReq, err error) {
-	d.glog.Warn(logrus.Fields{"queue": q.Index, "type": r.blk.Type, "sector": r.blk.Sector, "error": err.Error()},
+	d.glog.Log(logrus.Fields{"queue": q.Index, "type": r.blk.Type, "sector": r.blk.Sector, "error": err.Error()},
 		"bad request from the guest")
 }

@@ -7,11 +7,16 @@ import (
 	"github.com/sirupsen/logrus"
 )
 
-// guestLog logs problems caused by the guest at warning level, at most burst
-// lines per interval; the rest go to debug level and are counted, so a
-// hostile guest cannot flood the host's log.
-type guestLog struct {
+// limitedLog logs at one level (warning for problems the guest caused, error
+// for failing storage), at most burst lines per interval; the rest go to
+// debug level and are counted, and the count is logged when the next
+// interval starts. A hostile guest, or a disk that fails every request,
+// cannot flood the host's log, and the first lines of every burst still say
+// what went wrong.
+type limitedLog struct {
 	log      *logrus.Entry
+	level    logrus.Level
+	what     string // names the lines in the "suppressed" message
 	interval time.Duration
 	burst    int
 
@@ -21,16 +26,17 @@ type guestLog struct {
 	suppressed int
 }
 
-func newGuestLog(log *logrus.Entry) *guestLog {
-	return &guestLog{log: log, interval: 10 * time.Second, burst: 10}
+func newLimitedLog(log *logrus.Entry, level logrus.Level, what string) *limitedLog {
+	return &limitedLog{log: log, level: level, what: what, interval: 10 * time.Second, burst: 10}
 }
 
-func (g *guestLog) Warn(fields logrus.Fields, msg string) {
+// Log logs msg with fields, or counts it when the burst is used up.
+func (g *limitedLog) Log(fields logrus.Fields, msg string) {
 	g.mu.Lock()
 	now := time.Now()
 	if now.Sub(g.start) >= g.interval {
 		if g.suppressed > 0 {
-			g.log.WithField("suppressed", g.suppressed).Warn("guest errors suppressed by the rate limit")
+			g.log.WithField("suppressed", g.suppressed).Log(g.level, g.what+" suppressed by the rate limit")
 		}
 		g.start, g.n, g.suppressed = now, 0, 0
 	}
@@ -44,5 +50,5 @@ func (g *guestLog) Warn(fields logrus.Fields, msg string) {
 		g.log.WithFields(fields).Debug(msg)
 		return
 	}
-	g.log.WithFields(fields).Warn(msg)
+	g.log.WithFields(fields).Log(g.level, msg)
 }
