@@ -33,6 +33,13 @@ var (
 	// file system or device cannot perform.
 	ErrNotSupported = errors.New("operation not supported by the store")
 
+	// ErrMisaligned is returned when a request to a store opened with
+	// O_DIRECT has an offset or length that is not a multiple of the
+	// direct-I/O alignment, and by OpenFile when the export's logical block
+	// size is not a multiple of it (such requests would need a
+	// read-modify-write).
+	ErrMisaligned = errors.New("offset or length not aligned for direct I/O")
+
 	// ErrClosed is returned when a request is submitted to an engine that has
 	// been closed.
 	ErrClosed = errors.New("engine closed")

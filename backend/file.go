@@ -23,6 +23,18 @@ type FileOptions struct {
 	CreateSize int64
 	// Resize sets an existing regular file to CreateSize.
 	Resize bool
+	// Direct opens the file with O_DIRECT: reads and writes bypass the host's
+	// page cache. Aligned requests go straight from and to the caller's
+	// buffers; others through an aligned bounce buffer (see directIO).
+	// OpenFile fails with ErrNotSupported where the file system refuses
+	// O_DIRECT (tmpfs before Linux 6.6, procfs).
+	Direct bool
+	// LogicalBlockSize, when positive, is the unit every request's offset and
+	// length are multiples of (the export's logical block size). With Direct,
+	// OpenFile refuses one that is not a multiple of the direct-I/O offset
+	// alignment (ErrMisaligned): such requests would need a read-modify-write
+	// of the device's blocks, which vublk does not do.
+	LogicalBlockSize int
 }
 
 // FileStore is a Store on a regular file or a raw block device, using
@@ -33,7 +45,8 @@ type FileStore struct {
 	size     atomic.Int64 // changes with Resize
 	readOnly bool
 	block    bool
-	blkSize  int // physical block size hint (file system block or device physical sector)
+	blkSize  int       // physical block size hint (file system block or device physical sector)
+	dio      *directIO // nil unless opened with FileOptions.Direct
 }
 
 var (
@@ -107,6 +120,17 @@ func (s *FileStore) init(path string, opt FileOptions, created bool) error {
 	default:
 		return fmt.Errorf("open %s: not a regular file or block device", path)
 	}
+	if opt.Direct {
+		dio, err := openDirect(s.fd, path, s.block, int(st.Blksize))
+		if err != nil {
+			return err
+		}
+		if opt.LogicalBlockSize > 0 && opt.LogicalBlockSize%dio.offAlign != 0 {
+			return fmt.Errorf("open %s: %w: direct I/O there needs offsets and lengths in multiples of %d bytes, larger than the logical block size %d: use a logical block size of %d or more, or no direct I/O",
+				path, ErrMisaligned, dio.offAlign, opt.LogicalBlockSize, dio.offAlign)
+		}
+		s.dio = dio
+	}
 	return nil
 }
 
@@ -146,6 +170,17 @@ func (s *FileStore) IsBlockDevice() bool { return s.block }
 // sector, or the file system block of a regular file); 0 if unknown.
 func (s *FileStore) PhysicalBlockSize() int { return s.blkSize }
 
+// Direct reports whether the store was opened with O_DIRECT, and if so the
+// alignment that requests must have: their offset and length (and those of
+// each buffer, for zero copy) a multiple of offset, each buffer's address a
+// multiple of memory.
+func (s *FileStore) Direct() (direct bool, offset, memory int) {
+	if s.dio == nil {
+		return false, 0, 0
+	}
+	return true, s.dio.offAlign, s.dio.memAlign
+}
+
 // ReadOnly reports whether the store was opened read-only.
 func (s *FileStore) ReadOnly() bool { return s.readOnly }
 
@@ -159,10 +194,7 @@ func (s *FileStore) check(off, n int64) error {
 
 // ReadAt implements Store.
 func (s *FileStore) ReadAt(bufs [][]byte, off int64) error {
-	if err := s.check(off, totalLen(bufs)); err != nil {
-		return err
-	}
-	return vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
+	return s.transfer(bufs, off, false, func(iov [][]byte, off int64) (int, error) {
 		return unix.Preadv(s.fd, iov, off)
 	})
 }
@@ -172,10 +204,7 @@ func (s *FileStore) WriteAt(bufs [][]byte, off int64) error {
 	if s.readOnly {
 		return ErrReadOnly
 	}
-	if err := s.check(off, totalLen(bufs)); err != nil {
-		return err
-	}
-	return vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
+	return s.transfer(bufs, off, true, func(iov [][]byte, off int64) (int, error) {
 		return unix.Pwritev(s.fd, iov, off)
 	})
 }
@@ -185,22 +214,46 @@ func (s *FileStore) WriteAtDurable(bufs [][]byte, off int64) error {
 	if s.readOnly {
 		return ErrReadOnly
 	}
-	if err := s.check(off, totalLen(bufs)); err != nil {
-		return err
-	}
-	return vectored(bufs, off, func(iov [][]byte, off int64) (int, error) {
+	return s.transfer(bufs, off, true, func(iov [][]byte, off int64) (int, error) {
 		return unix.Pwritev2(s.fd, iov, off, unix.RWF_DSYNC)
 	})
 }
 
+// transfer checks a read or write (write says which op does) and runs op over
+// bufs, or with O_DIRECT and buffers it cannot take as they are, over the
+// bounce buffer.
+func (s *FileStore) transfer(bufs [][]byte, off int64, write bool, op func(iov [][]byte, off int64) (int, error)) error {
+	if err := s.check(off, totalLen(bufs)); err != nil {
+		return err
+	}
+	if s.dio != nil {
+		zeroCopy, err := s.dio.fits(bufs, off)
+		if err != nil {
+			return err
+		}
+		if !zeroCopy {
+			return s.dio.bounce(bufs, off, write, op)
+		}
+	}
+	return vectored(bufs, off, op)
+}
+
 // RawFD implements RawIO: every request that passes the checks can be
-// issued as preadv/pwritev on the file's descriptor.
+// issued as preadv/pwritev on the file's descriptor, except with O_DIRECT
+// one whose buffers are not aligned (ok is false: it needs the bounce buffer
+// of ReadAt and WriteAt).
 func (s *FileStore) RawFD(write bool, bufs [][]byte, off int64) (fd int, ok bool, err error) {
 	if write && s.readOnly {
 		return 0, false, ErrReadOnly
 	}
 	if err := s.check(off, totalLen(bufs)); err != nil {
 		return 0, false, err
+	}
+	if s.dio != nil {
+		zeroCopy, err := s.dio.fits(bufs, off)
+		if err != nil || !zeroCopy {
+			return 0, false, err
+		}
 	}
 	return s.fd, true, nil
 }
@@ -227,7 +280,9 @@ func (s *FileStore) Discard(off, n int64) error {
 
 // WriteZeroes implements ZeroWriter with fallocate: PUNCH_HOLE when unmap is
 // allowed, ZERO_RANGE otherwise, falling back to writing zeros where the
-// file system or device supports neither.
+// file system or device supports neither. With O_DIRECT those zeros are
+// written from the page-aligned zeroChunk without a bounce; the range must
+// then be aligned like every direct request (ErrMisaligned).
 func (s *FileStore) WriteZeroes(off, n int64, unmap bool) error {
 	if s.readOnly {
 		return ErrReadOnly
@@ -264,7 +319,9 @@ func fallocate(fd int, mode uint32, off, n int64) error {
 }
 
 // zeroChunk is the source of zeros where a range cannot be zeroed in place.
-var zeroChunk = make([]byte, 1<<20)
+// It is page aligned so that a store opened with O_DIRECT writes it without
+// the bounce buffer.
+var zeroChunk = alignedBytes(1<<20, 4096)
 
 // Close implements Store.
 func (s *FileStore) Close() error { return s.f.Close() }

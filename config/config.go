@@ -29,6 +29,12 @@ const (
 	WriteThrough = "writethrough" // every write is durable before it completes
 )
 
+// Values of Export.IOEngine: how an export issues its reads and writes.
+const (
+	IOEngineLanes = "lanes" // a goroutine per lane blocks in preadv/pwritev
+	IOEngineURing = "uring" // io_uring, where the kernel allows it
+)
+
 // Limits and defaults, the same as "vublk serve"'s flags.
 const (
 	DefaultNumQueues        = 16
@@ -57,6 +63,8 @@ type Global struct {
 	LogLevel  string // log_level: debug, info, warn or error; default info
 	LogFormat string // log_format: text or json; default text
 	Lanes     int    // lanes: I/O lanes of exports that do not set their own; default the number of CPUs
+	Direct    bool   // direct: O_DIRECT for exports that do not set their own; default false
+	IOEngine  string // io_engine: IOEngineLanes (default) or IOEngineURing, for exports that do not set their own
 	// MetricsAddress is metrics_address: "host:port", or "unix:PATH" (made absolute), to serve
 	// Prometheus metrics on; "" (the default) is off.
 	MetricsAddress string
@@ -76,6 +84,8 @@ type Export struct {
 	Lanes      int    // lanes: 1 to 1024; 0 or absent in the file means Global.Lanes, filled in here
 	Serial     string // serial: at most 20 bytes; default Name, cut to 20 bytes
 	WriteCache string // write_cache: WriteBack (default) or WriteThrough
+	Direct     bool   // direct: open File with O_DIRECT (no host page cache); absent means Global.Direct
+	IOEngine   string // io_engine: IOEngineLanes or IOEngineURing; absent means Global.IOEngine
 
 	LogicalBlockSize int  // logical_block_size: 512 (default) or 4096
 	Discard          bool // discard: offer DISCARD and WRITE_ZEROES; default true

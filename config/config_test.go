@@ -127,6 +127,10 @@ func TestErrors(t *testing.T) {
 		{"global lanes zero", "[global]\nlanes = 0 # <-\n" + okExport, "global.lanes", "between 1 and 1024, not 0"},
 		{"global lanes too many", "[global]\nlanes = 1025 # <-\n" + okExport, "global.lanes", "between 1 and 1024"},
 		{"global lanes string", "[global]\nlanes = \"4\" # <-\n" + okExport, "global.lanes", "must be an integer, not a string"},
+		{"global direct not a boolean", "[global]\ndirect = \"yes\" # <-\n" + okExport, "global.direct", "must be true or false, not a string"},
+		{"global io engine", "[global]\nio_engine = \"aio\" # <-\n" + okExport, "global.io_engine", `must be lanes or uring, not "aio"`},
+		{"global io engine not a string", "[global]\nio_engine = 1 # <-\n" + okExport, "global.io_engine", "must be a string, not an integer"},
+		{"global io engine misspelt", "[global]\nio-engine = \"uring\" # <-\n" + okExport, "global.io-engine", "unknown key (did you mean io_engine?)"},
 		{"metrics without port", "[global]\nmetrics_address = \"localhost\" # <-\n" + okExport, "global.metrics_address", "not host:port"},
 		{"metrics bad port", "[global]\nmetrics_address = \"localhost:http\" # <-\n" + okExport, "global.metrics_address", "bad port"},
 		{"metrics port too big", "[global]\nmetrics_address = \":70000\" # <-\n" + okExport, "global.metrics_address", "bad port"},
@@ -197,6 +201,10 @@ func TestErrors(t *testing.T) {
 		{"write cache", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nwrite_cache = \"none\" # <-\n", "export[0].write_cache", `must be writeback or writethrough, not "none"`},
 		{"logical block size", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nlogical_block_size = 1024 # <-\n", "export[0].logical_block_size", "must be 512 or 4096, not 1024"},
 		{"logical block size string", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nlogical_block_size = \"4k\" # <-\n", "export[0].logical_block_size", "must be an integer, not a string"},
+		{"direct not a boolean", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\ndirect = 1 # <-\n", "export[0].direct", "must be true or false, not an integer"},
+		{"io engine", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nio_engine = \"io_uring\" # <-\n", "export[0].io_engine", `must be lanes or uring, not "io_uring"`},
+		{"io engine empty", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nio_engine = \"\" # <-\n", "export[0].io_engine", `must be lanes or uring, not ""`},
+		{"io engine in capitals", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nIO_ENGINE = \"uring\" # <-\n", "export[0].IO_ENGINE", "unknown key (did you mean io_engine?)"},
 		{"discard not a boolean", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\ndiscard = \"off\" # <-\n", "export[0].discard", "must be true or false"},
 
 		// Socket ownership.
@@ -320,7 +328,7 @@ size = "1G"
 	if err != nil {
 		t.Fatal(err)
 	}
-	wantGlobal := Global{LogLevel: "info", LogFormat: "text", Lanes: defaultLanes()}
+	wantGlobal := Global{LogLevel: "info", LogFormat: "text", Lanes: defaultLanes(), IOEngine: IOEngineLanes}
 	if cfg.Global != wantGlobal {
 		t.Errorf("global %+v, want %+v", cfg.Global, wantGlobal)
 	}
@@ -334,6 +342,7 @@ size = "1G"
 		Lanes:            defaultLanes(),
 		Serial:           "a-rather-long-export",
 		WriteCache:       WriteBack,
+		IOEngine:         IOEngineLanes,
 		LogicalBlockSize: 512,
 		Discard:          true,
 		SocketUID:        -1,
@@ -359,6 +368,8 @@ log_level = "debug"
 log_format = "json"
 lanes = 7
 metrics_address = "unix:run/metrics.sock"
+direct = true
+io_engine = "uring"
 
 [[export]]
 name = "db"
@@ -370,6 +381,8 @@ num_queues = 4
 lanes = 3
 serial = "DB-0001"
 write_cache = "writethrough"
+direct = false
+io_engine = "lanes"
 logical_block_size = 4096
 discard = false
 socket_owner = "root"
@@ -388,18 +401,21 @@ lanes = 0
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := (Global{LogLevel: "debug", LogFormat: "json", Lanes: 7, MetricsAddress: "unix:" + filepath.Join(f.dir, "run", "metrics.sock")}); cfg.Global != want {
+	if want := (Global{LogLevel: "debug", LogFormat: "json", Lanes: 7, Direct: true, IOEngine: IOEngineURing, MetricsAddress: "unix:" + filepath.Join(f.dir, "run", "metrics.sock")}); cfg.Global != want {
 		t.Errorf("global %+v, want %+v", cfg.Global, want)
 	}
 	gid := os.Getgid()
 	want := []Export{{
 		Name: "db", SocketPath: filepath.Join(f.dir, "stale.sock"), FD: -1, File: filepath.Join(f.dir, "a.img"),
 		Size: 4 << 20, Resize: true, NumQueues: 4, Lanes: 3, Serial: "DB-0001", WriteCache: WriteThrough,
+		Direct: false, IOEngine: IOEngineLanes,
 		LogicalBlockSize: 4096, SocketOwner: "root", SocketGroup: f.group, SocketUID: 0, SocketGID: gid,
-		SocketMode: 0o660, WriteLog: filepath.Join(f.dir, "logs", "db.log"), Line: 8,
+		SocketMode: 0o660, WriteLog: filepath.Join(f.dir, "logs", "db.log"), Line: 10,
 	}, {
+		// direct and io_engine from [global].
 		Name: "base", FD: 0, File: filepath.Join(f.dir, "b.img"), ReadOnly: true, NumQueues: 16, Lanes: 7,
-		Serial: "base", WriteCache: WriteBack, LogicalBlockSize: 512, Discard: true, SocketUID: -1, SocketGID: -1, Line: 25,
+		Serial: "base", WriteCache: WriteBack, Direct: true, IOEngine: IOEngineURing,
+		LogicalBlockSize: 512, Discard: true, SocketUID: -1, SocketGID: -1, Line: 29,
 	}}
 	if !reflect.DeepEqual(cfg.Exports, want) {
 		t.Errorf("exports\n%+v\nwant\n%+v", cfg.Exports, want)

@@ -176,7 +176,7 @@ func (p *parser) decode(raw map[string]any) *Config {
 	cfg := &Config{File: p.file}
 	root := p.table("", raw)
 
-	cfg.Global = Global{LogLevel: "info", LogFormat: "text", Lanes: defaultLanes()}
+	cfg.Global = Global{LogLevel: "info", LogFormat: "text", Lanes: defaultLanes(), IOEngine: IOEngineLanes}
 	if v, ok := root.get("global"); ok {
 		if m, ok := v.(map[string]any); ok {
 			p.decodeGlobal(&cfg.Global, p.table("global", m))
@@ -229,6 +229,12 @@ func (p *parser) decodeGlobal(g *Global, t *table) {
 	}
 	if n, ok := t.integer("lanes", 1, MaxLanes); ok {
 		g.Lanes = n
+	}
+	if b, ok := t.boolean("direct"); ok {
+		g.Direct = b
+	}
+	if s, ok := t.oneOf("io_engine", IOEngineLanes, IOEngineURing); ok {
+		g.IOEngine = s
 	}
 	if s, ok := t.str("metrics_address"); ok && s != "" {
 		if path, isUnix := strings.CutPrefix(s, "unix:"); isUnix {
@@ -357,6 +363,14 @@ func (p *parser) decodeExport(t *table, g *Global) Export {
 	}
 	if s, ok := t.oneOf("write_cache", WriteBack, WriteThrough); ok {
 		e.WriteCache = s
+	}
+	e.Direct = g.Direct
+	if b, ok := t.boolean("direct"); ok {
+		e.Direct = b
+	}
+	e.IOEngine = g.IOEngine
+	if s, ok := t.oneOf("io_engine", IOEngineLanes, IOEngineURing); ok {
+		e.IOEngine = s
 	}
 	if b, ok := t.boolean("discard"); ok {
 		e.Discard = b

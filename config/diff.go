@@ -8,8 +8,9 @@ type Changes struct {
 	// Resized exports differ only in Size or Resize: resize them live (the guest sees a
 	// config change) instead of restarting them.
 	Resized []string
-	// Changed exports differ in anything else (socket, file, queues, cache mode...): restart
-	// them with the new settings. A change of Global.Lanes changes every export that uses it.
+	// Changed exports differ in anything else (socket, file, queues, cache mode, direct,
+	// io_engine...): restart them with the new settings. A change of Global.Lanes, Direct or
+	// IOEngine changes every export that uses it.
 	Changed []string
 	Global  bool // the [global] settings differ
 }

@@ -8,11 +8,11 @@ import (
 func TestDiff(t *testing.T) {
 	base := func() *Config {
 		return &Config{
-			Global: Global{LogLevel: "info", LogFormat: "text", Lanes: 4},
+			Global: Global{LogLevel: "info", LogFormat: "text", Lanes: 4, IOEngine: IOEngineLanes},
 			Exports: []Export{
-				{Name: "a", SocketPath: "/run/vublk/a.sock", FD: -1, File: "/d/a.img", Size: 1 << 30, NumQueues: 16, Lanes: 4, Line: 3},
-				{Name: "b", SocketPath: "/run/vublk/b.sock", FD: -1, File: "/d/b.img", NumQueues: 16, Lanes: 4, Line: 9},
-				{Name: "c", SocketPath: "/run/vublk/c.sock", FD: -1, File: "/d/c.img", NumQueues: 16, Lanes: 4, Line: 15},
+				{Name: "a", SocketPath: "/run/vublk/a.sock", FD: -1, File: "/d/a.img", Size: 1 << 30, NumQueues: 16, Lanes: 4, IOEngine: IOEngineLanes, Line: 3},
+				{Name: "b", SocketPath: "/run/vublk/b.sock", FD: -1, File: "/d/b.img", NumQueues: 16, Lanes: 4, IOEngine: IOEngineLanes, Line: 9},
+				{Name: "c", SocketPath: "/run/vublk/c.sock", FD: -1, File: "/d/c.img", NumQueues: 16, Lanes: 4, IOEngine: IOEngineLanes, Line: 15},
 			},
 		}
 	}
@@ -42,6 +42,19 @@ func TestDiff(t *testing.T) {
 				c.Exports[i].Lanes = 8 // c sets its own lanes
 			}
 		}, Changes{Changed: []string{"a", "b"}, Global: true}},
+		{"direct", func(c *Config) { c.Exports[0].Direct = true }, Changes{Changed: []string{"a"}}},
+		{"io engine", func(c *Config) { c.Exports[1].IOEngine = IOEngineURing }, Changes{Changed: []string{"b"}}},
+		{"resized and direct", func(c *Config) { c.Exports[0].Size, c.Exports[0].Direct = 2<<30, true }, Changes{Changed: []string{"a"}}},
+		{"global direct", func(c *Config) {
+			c.Global.Direct = true
+			for i := range c.Exports[1:] {
+				c.Exports[1+i].Direct = true // a sets direct = false itself
+			}
+		}, Changes{Changed: []string{"b", "c"}, Global: true}},
+		{"global io engine", func(c *Config) {
+			c.Global.IOEngine = IOEngineURing
+			c.Exports[2].IOEngine = IOEngineURing // a and b set io_engine themselves
+		}, Changes{Changed: []string{"c"}, Global: true}},
 		{"renamed", func(c *Config) { c.Exports[1].Name = "b2" }, Changes{Added: []string{"b2"}, Removed: []string{"b"}}},
 		{"everything", func(c *Config) {
 			c.Exports[0].Size = 3 << 30

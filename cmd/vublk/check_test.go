@@ -94,6 +94,42 @@ func TestCheckExampleOnALibvirtHost(t *testing.T) {
 	}
 }
 
+// TestCheckExampleDirectAndIOEngine: the example's commented direct and io_engine lines are
+// valid once switched on, and a bad value is reported at its line.
+func TestCheckExampleDirectAndIOEngine(t *testing.T) {
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "vublk.toml")
+	text := localExample(t, dir)
+	text = text[:strings.Index(text, "[[export]]\nname = \"golden\"")] // without the read-only export
+	if n := strings.Count(text, "# direct = true\n") + strings.Count(text, "# io_engine = \"uring\"\n"); n != 4 {
+		t.Fatalf("the example has %d commented direct and io_engine lines, want 4 ([global] and one export)", n)
+	}
+	text = strings.ReplaceAll(text, "# direct = true\n", "direct = true\n")
+	text = strings.ReplaceAll(text, "# io_engine = \"uring\"\n", "io_engine = \"uring\"\n")
+	for _, tc := range []struct {
+		name, text string
+		code       int
+		out        string
+	}{
+		{"switched on", text, 0, conf + ": 3 exports OK\n"},
+		{"bad engine", strings.Replace(text, `io_engine = "uring"`, `io_engine = "aio"`, 1), exitUsage, `global.io_engine: must be lanes or uring, not "aio"`},
+		{"bad direct", strings.Replace(text, "direct = true", `direct = "yes"`, 1), exitUsage, "global.direct: must be true or false, not a string"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := os.WriteFile(conf, []byte(tc.text), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			var stdout, stderr bytes.Buffer
+			if code := run([]string{"check", "--config", conf}, &stdout, &stderr); code != tc.code {
+				t.Fatalf("exit code %d, want %d:\n%s", code, tc.code, stderr.String())
+			}
+			if got := stdout.String() + stderr.String(); !strings.Contains(got, tc.out) {
+				t.Errorf("output %q does not say %q", got, tc.out)
+			}
+		})
+	}
+}
+
 // TestCheckReportsEveryProblem: all problems at once, one per line, as file:line: key: message.
 func TestCheckReportsEveryProblem(t *testing.T) {
 	dir := t.TempDir()

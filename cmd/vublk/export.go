@@ -24,6 +24,8 @@ type exportSpec struct {
 	readOnly   bool
 	numQueues  int
 	lanes      int
+	direct     bool   // open the file with O_DIRECT
+	ioEngine   string // config.IOEngineLanes or config.IOEngineURing
 	serial     string
 	writeback  bool
 	blockSize  int
@@ -51,7 +53,10 @@ type export struct {
 // startExport opens the backing file, starts the lanes, listens on the socket and serves.
 func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 	e := &export{spec: spec, log: logger.WithField("export", spec.name), served: make(chan error, 1)}
-	file, err := backend.OpenFile(spec.file, backend.FileOptions{ReadOnly: spec.readOnly, CreateSize: spec.size, Resize: spec.resize})
+	file, err := backend.OpenFile(spec.file, backend.FileOptions{
+		ReadOnly: spec.readOnly, CreateSize: spec.size, Resize: spec.resize,
+		Direct: spec.direct, LogicalBlockSize: spec.blockSize,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("export %s: %w", spec.name, err)
 	}
@@ -68,7 +73,11 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 		}
 		e.store = ls
 	}
-	e.engine = backend.NewEngine(e.store, spec.lanes)
+	e.engine, err = backend.NewEngineWith(e.store, backend.EngineOptions{Lanes: spec.lanes, IOEngine: backend.IOEngine(spec.ioEngine)})
+	if err != nil {
+		e.store.Close()
+		return nil, engineError{fmt.Errorf("export %s: %w", spec.name, err)}
+	}
 	capacity := file.Size() / int64(spec.blockSize) * int64(spec.blockSize)
 	e.dev = virtio.NewBlkDevice(e.engine, virtio.BlkConfig{
 		Capacity:          uint64(capacity),
@@ -107,9 +116,16 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 	e.log.WithFields(logrus.Fields{
 		"socket": ln.Addr().String(), "file": spec.file, "size": capacity, "read_only": spec.readOnly,
 		"lanes": spec.lanes, "num_queues": spec.numQueues, "write_cache": mode, "serial": spec.serial,
+		"direct": spec.direct, "io_engine": spec.ioEngine,
 	}).Info("export ready")
 	return e, nil
 }
+
+// engineError is a failure to start an export's I/O engine (io_uring refused by the kernel):
+// the settings are valid, this host cannot run them.
+type engineError struct{ error }
+
+func (e engineError) Unwrap() error { return e.error }
 
 // setSocketAccess applies the socket's owner, group and mode.
 func setSocketAccess(spec exportSpec) error {

@@ -88,6 +88,8 @@ type serveOptions struct {
 	readOnly   bool
 	numQueues  int
 	lanes      int
+	direct     bool
+	ioEngine   string
 	serial     string
 	size       string
 	resize     bool
@@ -111,6 +113,8 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&o.readOnly, "read-only", false, "export read-only (the guest sees a read-only disk)")
 	fs.IntVar(&o.numQueues, "num-queues", 16, "most virtqueues a front-end may use (QEMU's num-queues must not exceed it)")
 	fs.IntVar(&o.lanes, "lanes", runtime.NumCPU(), "parallel I/O lanes (file workers)")
+	fs.BoolVar(&o.direct, "direct", false, "open --blk-file with O_DIRECT: bypass the host page cache")
+	fs.StringVar(&o.ioEngine, "io-engine", config.IOEngineLanes, "how reads and writes are issued: lanes (blocking workers) or uring (io_uring)")
 	fs.StringVar(&o.serial, "serial", "", "disk serial returned to the guest (at most 20 bytes; default: the file's base name)")
 	fs.StringVar(&o.size, "size", "", "create a sparse file of this size if --blk-file does not exist (bytes, or with K/M/G/T)")
 	fs.BoolVar(&o.resize, "resize", false, "with --size: also resize an existing regular file")
@@ -156,6 +160,8 @@ func serve(args []string, stdout, stderr io.Writer) int {
 		return fail("--num-queues must be between 1 and 64, not %d", o.numQueues)
 	case o.lanes < 1 || o.lanes > 1024:
 		return fail("--lanes must be between 1 and 1024, not %d", o.lanes)
+	case o.ioEngine != config.IOEngineLanes && o.ioEngine != config.IOEngineURing:
+		return fail("--io-engine must be %s or %s, not %q", config.IOEngineLanes, config.IOEngineURing, o.ioEngine)
 	case o.writeCache != "writeback" && o.writeCache != "writethrough":
 		return fail("--write-cache must be writeback or writethrough, not %q", o.writeCache)
 	case o.blockSize != 512 && o.blockSize != 4096:
@@ -242,12 +248,15 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 	defer signal.Stop(sigs)
 	e, err := startExport(exportSpec{
 		name: o.name, socketPath: o.socketPath, fd: o.fd, file: o.blkFile, size: size, resize: o.resize,
-		readOnly: o.readOnly, numQueues: o.numQueues, lanes: o.lanes, serial: o.serial,
-		writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard,
+		readOnly: o.readOnly, numQueues: o.numQueues, lanes: o.lanes, direct: o.direct, ioEngine: o.ioEngine,
+		serial: o.serial, writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard,
 		writeLog: o.writeLog, socketUID: -1, socketGID: -1,
 	}, logger)
 	if err != nil {
 		logger.WithError(err).Error("cannot start the export")
+		if errors.As(err, new(engineError)) {
+			return 1 // not a usage error: the kernel refused the I/O engine
+		}
 		return exitUsage
 	}
 	notifySystemd(logger, daemon.SdNotifyReady)

@@ -132,9 +132,9 @@ func printConfigErrors(w io.Writer, err error) {
 func specFromConfig(ec config.Export) exportSpec {
 	return exportSpec{
 		name: ec.Name, socketPath: ec.SocketPath, fd: ec.FD, file: ec.File, size: ec.Size, resize: ec.Resize,
-		readOnly: ec.ReadOnly, numQueues: ec.NumQueues, lanes: ec.Lanes, serial: ec.Serial,
-		writeback: ec.Writeback(), blockSize: ec.LogicalBlockSize, discard: ec.Discard, writeLog: ec.WriteLog,
-		socketUID: ec.SocketUID, socketGID: ec.SocketGID, socketMode: ec.SocketMode,
+		readOnly: ec.ReadOnly, numQueues: ec.NumQueues, lanes: ec.Lanes, direct: ec.Direct, ioEngine: ec.IOEngine,
+		serial: ec.Serial, writeback: ec.Writeback(), blockSize: ec.LogicalBlockSize, discard: ec.Discard,
+		writeLog: ec.WriteLog, socketUID: ec.SocketUID, socketGID: ec.SocketGID, socketMode: ec.SocketMode,
 	}
 }
 

@@ -1,0 +1,6 @@
+//go:build !race
+
+package backend
+
+// raceEnabled reports whether the tests run with the race detector.
+const raceEnabled = false
