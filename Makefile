@@ -1,6 +1,7 @@
 # vublk — a vhost-user-blk back-end.
 #   make run    serve a sparse 1 GiB disk.img on ./vublk.sock and print the QEMU command line
 #   make test   install what the tests need (make deps), then unit, fuzz-seed and end-to-end tests
+#   make bench  vublk against qemu-storage-daemon: load generator, then fio in a guest (bench-guest)
 
 SHELL := /bin/bash
 export PATH := /usr/local/go/bin:$(PATH)
@@ -12,7 +13,7 @@ SIZE ?= 1G
 FUZZTIME ?= 60s
 FUZZ_PKGS := ./virtio ./vhostuser
 
-.PHONY: all build deps run test check unit crash e2e fuzz install clean bench
+.PHONY: all build deps run test check unit crash e2e fuzz install clean bench bench-guest
 
 all: build
 
@@ -57,10 +58,19 @@ e2e:
 
 test: deps check unit crash e2e
 
-# vublk and qemu-storage-daemon side by side on a tmpfs file, 3 rounds of the same jobs (needs
-# make deps; about 6 minutes). ROUNDS, RUNTIME and RAMP override scripts/bench.sh's defaults.
+# vublk and qemu-storage-daemon side by side on a tmpfs file, 3 rounds of the same jobs, then the
+# in-guest comparison (bench-guest) (needs make deps; about 10 minutes). ROUNDS, RUNTIME and RAMP
+# override scripts/bench.sh's defaults; ROUNDS and GUEST_SECONDS bench-guest's.
 bench: build
 	bash scripts/bench.sh
+	$(MAKE) --no-print-directory bench-guest
+
+# The in-guest comparison: a TCG guest runs fio jobs against qemu-storage-daemon and vublk, and the
+# table shows each server's CPU time per I/O (needs the guest kernel and tools: run make deps
+# first). ROUNDS (2) rounds, GUEST_SECONDS (10) per job; every run goes to GUEST_OUT.
+GUEST_OUT ?= $(CURDIR)/bin/bench-guest-results.jsonl
+bench-guest:
+	VUBLK_GUEST_BENCH=1 OUT=$(GUEST_OUT) $(GO) test -tags e2e -run TestGuestBench -count=1 -v -timeout 30m ./tests/e2e/
 
 # Run every fuzz target for FUZZTIME each.
 fuzz:

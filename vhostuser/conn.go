@@ -585,4 +585,5 @@ func (c *conn) cleanup() {
 	c.dropInflight()
 	c.backend.close()
 	c.sock.Close()
+	c.log.Debug("connection released: requests drained, memory unmapped, descriptors closed")
 }

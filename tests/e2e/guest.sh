@@ -7,12 +7,12 @@
 #   E2E FAIL <check> <detail>
 # and the phase ends with "E2E done <phase>". The host knows which checks each phase must report,
 # so a script that stops early fails the test. Parameters come on the kernel command line:
-#   vublk.phase=  main | reconnect | verify | crashwork | service | restart
+#   vublk.phase=  main | reconnect | verify | crashwork | service | restart | bench
 #   vublk.size=   expected size of /dev/vda in bytes
 #   vublk.serial= expected serial of /dev/vda
 #   vublk.rosize= expected size of the read-only /dev/vdb
 #   vublk.newsize= the size /dev/vda grows to (service phase)
-#   vublk.seconds= how long the restart phase writes and verifies
+#   vublk.seconds= how long the restart phase writes and verifies; how long each bench job runs
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /usr/bin /usr/sbin /sbin
 /bin/busybox --install -s /bin
@@ -252,6 +252,78 @@ phase_restart() {
 	expect restart_io_errors "$(dmesg | grep -ci 'i/o error')" 0
 }
 
+# A benchmark, not a check: fio jobs against /dev/vda, each between "E2E bench-start JOB" and
+# "E2E bench-end JOB" lines (the host reads the server's CPU time at each), then one line
+#   E2E bench JOB IOS IOPS LAT_P50_US
+# from fio's JSON output (read and write summed; the completion latency median of the direction
+# that did I/O). The disk must be fully allocated, so that reads do not hit holes.
+bench_job() {
+	job=$1
+	shift
+	echo "E2E bench-start $job"
+	if ! $T/fio --name="$job" --filename=/dev/vda --thread --direct=1 --ioengine=libaio \
+		--time_based --runtime="$BENCH_SECONDS" --group_reporting --output-format=json "$@" \
+		>/tmp/bench.json 2>/tmp/bench.err; then
+		echo "E2E bench-end $job"
+		tail -n 20 /tmp/bench.err
+		fail "bench_$job" "fio failed"
+		return
+	fi
+	echo "E2E bench-end $job"
+	awk -v job="$job" '
+		/^ *"(read|write|trim|sync)" : [{]/ { sec = $1; gsub(/"/, "", sec) }
+		/^ *"(total_ios|iops|50\.000000)" : / {
+			key = $1; gsub(/"/, "", key); v = $3; sub(/,$/, "", v)
+			if (!((sec "/" key) in val)) val[sec "/" key] = v
+		}
+		END {
+			ios = val["read/total_ios"] + val["write/total_ios"]
+			iops = val["read/iops"] + val["write/iops"]
+			d = val["read/total_ios"] > 0 ? "read" : "write"
+			printf "E2E bench %s %d %.1f %.1f\n", job, ios, iops, val[d "/50.000000"] / 1000
+		}' /tmp/bench.json
+	ok "bench_$job"
+}
+
+phase_bench() {
+	BENCH_SECONDS=$(param seconds)
+	BENCH_SECONDS=${BENCH_SECONDS:-10}
+	expect queues "$(ls /sys/block/vda/mq | wc -l)" 2
+	bench_job randread-4k-qd1 --rw=randread --bs=4k --iodepth=1
+	bench_job randread-4k-qd32-j2 --rw=randread --bs=4k --iodepth=32 --numjobs=2
+	bench_job randwrite-4k-qd32-j2 --rw=randwrite --bs=4k --iodepth=32 --numjobs=2
+	bench_job read-64k-qd8 --rw=read --bs=64k --iodepth=8
+}
+
+# The host kills QEMU in the middle of this phase's background I/O and boots it again, many times,
+# against the same vublk. Each boot first reads back the 1 MiB regions the earlier boots flushed
+# (vublk.sums: their md5s, "none" first), then writes and flushes region vublk.iter from 256 MiB
+# on, reports its md5, and keeps random writes in flight below 128 MiB until it is killed.
+# vublk.final=1: only verify, then finish.
+phase_qemukill() {
+	iter=$(param iter)
+	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	j=0
+	bad=
+	for s in $(param sums | tr , ' '); do
+		[ "$s" = none ] && continue
+		got=$(dev_md5 /dev/vda $((256 + j)) 1)
+		[ "$got" = "$s" ] || bad="$bad region$j:$got"
+		j=$((j + 1))
+	done
+	if [ -z "$bad" ]; then ok qk_verify "$j flushed regions read back"; else fail qk_verify "differ:$bad"; fi
+	[ "$(param final)" = 1 ] && return
+	dd if=/dev/urandom of=/tmp/region bs=64k count=16 2>/dev/null
+	run qk_write dd if=/tmp/region of=/dev/vda bs=64k seek=$((4096 + iter * 16)) count=16 oflag=direct conv=fsync
+	ok qk_flushed "$(md5sum </tmp/region | cut -d' ' -f1)"
+	$T/fio --name=busy --filename=/dev/vda --thread --direct=1 --ioengine=libaio --iodepth=32 \
+		--rw=randwrite --bs=4k --size=64M --numjobs=2 --offset_increment=64M --time_based \
+		--runtime=120 >/dev/null 2>&1 &
+	sleep 0.5
+	echo "E2E qemukill-busy"
+	wait
+}
+
 case "$PHASE" in
 main) phase_main ;;
 reconnect) phase_reconnect ;;
@@ -259,6 +331,8 @@ verify) phase_verify ;;
 crashwork) phase_crashwork ;;
 service) phase_service ;;
 restart) phase_restart ;;
+qemukill) phase_qemukill ;;
+bench) phase_bench ;;
 *) fail phase "unknown phase '$PHASE'" ;;
 esac
 echo "E2E done $PHASE"

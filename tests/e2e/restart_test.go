@@ -22,8 +22,8 @@ import (
 func TestBackendRestart(t *testing.T) {
 	// At least minKills kills, and more until wantResumed restarts have found requests in flight
 	// (a kill lands between requests more often than not), at most maxKills, while the guest
-	// writes (60 s).
-	const minKills, maxKills, wantResumed = 4, 12, 2
+	// writes (90 s; the kills stop after 75 s).
+	const minKills, maxKills, wantResumed = 10, 16, 3
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.img")
 	sock := filepath.Join(dir, "rw.sock")
@@ -37,8 +37,8 @@ func TestBackendRestart(t *testing.T) {
 	go func() {
 		result <- bootGuest(t, boot{
 			disks:  []disk{{socket: sock, numQueues: 2, reconnect: true}},
-			params: map[string]string{"phase": "restart", "size": strconv.Itoa(diskSize), "seconds": "60"},
-			// A minute of I/O, then checks: a guest whose requests were lost hangs.
+			params: map[string]string{"phase": "restart", "size": strconv.Itoa(diskSize), "seconds": "90"},
+			// 90 s of I/O, then checks: a guest whose requests were lost hangs.
 			timeout: 5 * time.Minute,
 			onLine: func(line string) {
 				if line == "E2E restart-running" {
@@ -65,11 +65,11 @@ func TestBackendRestart(t *testing.T) {
 		}
 		return n
 	}
-	deadline := time.Now().Add(45 * time.Second)
+	deadline := time.Now().Add(75 * time.Second)
 	kills := 0
 	for i := 0; i < maxKills && time.Now().Before(deadline) && (i < minKills || resumed() < wantResumed); i++ {
 		kills++
-		time.Sleep(time.Duration(1500+rand.IntN(2500)) * time.Millisecond)
+		time.Sleep(time.Duration(800+rand.IntN(2200)) * time.Millisecond)
 		d.cmd.Process.Kill() // SIGKILL: no draining, requests stay in flight
 		<-d.done
 		t.Logf("kill %d: vublk killed", i+1)
@@ -82,7 +82,10 @@ func TestBackendRestart(t *testing.T) {
 	v := <-result
 	v.expectChecks(t, "restart", []string{"size", "restart_dd", "restart_fio", "restart_io_errors"})
 
-	t.Logf("%d restarts, %d of them resubmitted requests in flight", kills, resumed())
+	t.Logf("vublk killed with SIGKILL and restarted %d times; %d restarts resubmitted requests in flight", kills, resumed())
+	if kills < minKills {
+		t.Errorf("only %d kills while the guest ran, want at least %d", kills, minKills)
+	}
 	if resumed() == 0 {
 		t.Error("no restart found requests in flight: resubmission was not exercised")
 	}
