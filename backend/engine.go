@@ -86,6 +86,7 @@ type Engine struct {
 	next         atomic.Uint32
 	observer     atomic.Pointer[observerRef]
 	writeThrough atomic.Bool
+	uring        *uringEngine // IOEngineURing with a RawIO store, else nil
 	wg           sync.WaitGroup
 	closeOnce    sync.Once
 	Stats        Stats
@@ -125,13 +126,26 @@ type EngineOptions struct {
 }
 
 // NewEngineWith starts an engine over store as opt says. It fails when the
-// chosen I/O engine cannot run (io_uring missing or refused by the kernel).
+// chosen I/O engine cannot run (io_uring missing or refused by the kernel:
+// the error wraps the kernel's, e.g. ENOSYS, or EPERM from the sysctl
+// kernel.io_uring_disabled). With IOEngineURing and a store that does not
+// implement RawIO, every request runs on the lanes and no ring is set up.
 func NewEngineWith(store Store, opt EngineOptions) (*Engine, error) {
 	switch opt.IOEngine {
 	case "", IOEngineLanes:
 		return NewEngine(store, opt.Lanes), nil
 	case IOEngineURing:
-		return nil, fmt.Errorf("io engine %q: %w", opt.IOEngine, ErrNotSupported)
+		raw, ok := store.(RawIO)
+		if !ok {
+			return NewEngine(store, opt.Lanes), nil
+		}
+		ring, efd, err := openURing()
+		if err != nil {
+			return nil, fmt.Errorf("io engine %q: %w", opt.IOEngine, err)
+		}
+		e := NewEngine(store, opt.Lanes)
+		e.uring = newURingEngine(e, raw, ring, efd)
+		return e, nil
 	}
 	return nil, fmt.Errorf("unknown io engine %q (want %q or %q)", opt.IOEngine, IOEngineLanes, IOEngineURing)
 }
@@ -206,15 +220,30 @@ func (e *Engine) SetWriteThrough(on bool) { e.writeThrough.Store(on) }
 func (e *Engine) WriteThrough() bool { return e.writeThrough.Load() }
 
 // Submit admits r through the barrier (waiting while a flush runs) and hands
-// it to a lane. r.Done.Complete is called from the lane when it is finished.
-// Submit must not be called after Close.
+// it to a lane, or with IOEngineURing issues a read or write on the ring.
+// r.Done.Complete is called from the lane when it is finished; a request on
+// the ring is completed by whichever goroutine reaps it, which may be this
+// one, before Submit returns. Submit must not be called after Close.
 func (e *Engine) Submit(r *Request) {
 	r.start = 0
 	if e.observer.Load() != nil {
 		r.start = monotime()
 	}
 	e.barrier.Enter()
+	// Write-through writes stay on the lanes, which make them durable.
+	if u := e.uring; u != nil && (r.Op == OpRead || r.Op == OpWrite && !e.writeThrough.Load()) && u.submit(r) {
+		return
+	}
 	e.lanes[e.next.Add(1)%uint32(len(e.lanes))].ch <- r
+}
+
+// URingInflight is how many requests are on the io_uring now (0 without
+// one), a snapshot for metrics like LaneInflight.
+func (e *Engine) URingInflight() int {
+	if e.uring == nil {
+		return 0
+	}
+	return e.uring.inflight()
 }
 
 // Flush is the drain-then-sync barrier (see Barrier), for a guest FLUSH.
@@ -237,9 +266,9 @@ func (e *Engine) syncStore() error {
 	return nil
 }
 
-// Close drains and syncs (a final flush), then stops the lanes. Every
-// submitter must have stopped before Close is called. It returns the final
-// flush's error.
+// Close drains and syncs (a final flush), then stops the lanes and closes
+// the io_uring. Every submitter must have stopped before Close is called. It
+// returns the final flush's error (joined with a failure to release the ring).
 func (e *Engine) Close() error {
 	var err error
 	e.closeOnce.Do(func() {
@@ -248,6 +277,9 @@ func (e *Engine) Close() error {
 			close(e.lanes[i].ch)
 		}
 		e.wg.Wait()
+		if e.uring != nil {
+			err = errors.Join(err, e.uring.close())
+		}
 	})
 	return err
 }
@@ -258,20 +290,39 @@ func (e *Engine) run(l *lane) {
 	for r := range l.ch {
 		l.busy.Store(true)
 		r.Err = e.execute(r)
-		if r.Err != nil {
-			e.Stats.Errors.Add(1)
-		}
-		if r.start != 0 {
-			// Observed before Complete: r is the caller's again after it.
-			if o := e.loadObserver(); o != nil {
-				o.ObserveRequest(r.Op, monotime()-r.start, r.Err)
-			}
-		}
+		e.account(r)
 		l.busy.Store(false)
-		done := r.Done
-		e.barrier.Exit()
-		done.Complete(r)
+		e.complete(r)
 	}
+}
+
+// finish ends a request whose store operation has finished (r.Err is set)
+// off the lanes: as a lane does, it counts and observes r, lets it out of the
+// barrier and completes it.
+func (e *Engine) finish(r *Request) {
+	e.account(r)
+	e.complete(r)
+}
+
+// account counts r's error and tells the observer about r.
+func (e *Engine) account(r *Request) {
+	if r.Err != nil {
+		e.Stats.Errors.Add(1)
+	}
+	if r.start != 0 {
+		// Observed before Complete: r is the caller's again after it.
+		if o := e.loadObserver(); o != nil {
+			o.ObserveRequest(r.Op, monotime()-r.start, r.Err)
+		}
+	}
+}
+
+// complete lets r out of the barrier, then hands it back to its owner: the
+// barrier must count it until its data transfer has finished.
+func (e *Engine) complete(r *Request) {
+	done := r.Done
+	e.barrier.Exit()
+	done.Complete(r)
 }
 
 func (e *Engine) execute(r *Request) error {
