@@ -87,6 +87,7 @@ type Engine struct {
 	observer     atomic.Pointer[observerRef]
 	writeThrough atomic.Bool
 	uring        *uringEngine // IOEngineURing with a RawIO store, else nil
+	inline       inlineGate   // whether SubmitIdle runs requests inline
 	wg           sync.WaitGroup
 	closeOnce    sync.Once
 	Stats        Stats
@@ -154,6 +155,7 @@ func NewEngineWith(store Store, opt EngineOptions) (*Engine, error) {
 func NewEngine(store Store, lanes int) *Engine {
 	lanes = max(lanes, 1)
 	e := &Engine{store: store, lanes: make([]lane, lanes)}
+	e.inline.init(DefaultInlineLimit)
 	e.barrier = NewBarrier(e.syncStore)
 	for i := range e.lanes {
 		l := &e.lanes[i]
@@ -326,6 +328,10 @@ func (e *Engine) complete(r *Request) {
 }
 
 func (e *Engine) execute(r *Request) error {
+	if r.Op == OpRead || r.Op == OpWrite {
+		t0 := monotime()
+		defer func() { e.inline.observe(monotime() - t0) }()
+	}
 	switch r.Op {
 	case OpRead:
 		e.Stats.Reads.Add(1)

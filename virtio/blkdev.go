@@ -27,6 +27,7 @@ type Queue struct {
 
 	mu       sync.Mutex     // serialises used-ring pushes from the lanes
 	inflight sync.WaitGroup // popped and not yet pushed to the used ring
+	active   atomic.Int32   // the same count, readable: see submit
 	chain    DescChain      // scratch for the popping goroutine
 }
 
@@ -210,8 +211,10 @@ func (d *BlkDevice) start(q *Queue, head uint16) error {
 	r := d.pool.Get().(*blkReq)
 	r.q, r.head, r.written = q, head, 0
 	q.inflight.Add(1)
+	q.active.Add(1)
 	if err := ParseBlkRequest(q.Mem, q.chain.Segs, &r.blk); err != nil {
 		if r.blk.Status == nil {
+			q.active.Add(-1)
 			q.inflight.Done()
 			d.pool.Put(r)
 			return err // no status byte: nothing we can answer
@@ -284,7 +287,7 @@ func (d *BlkDevice) startRW(r *blkReq) {
 		r.written = uint32(min(n, 1<<32-2))
 	}
 	r.io = backend.Request{Op: op, Offset: int64(r.blk.Sector * SectorSize), Bufs: bufs, Done: r}
-	d.engine.Submit(&r.io)
+	d.submit(r)
 }
 
 func (d *BlkDevice) startDiscard(r *blkReq) {
@@ -322,7 +325,7 @@ func (d *BlkDevice) startDiscard(r *blkReq) {
 		return
 	}
 	r.io = backend.Request{Op: op, Offset: int64(s.Sector * SectorSize), Length: int64(bytes), Unmap: unmap, Done: r}
-	d.engine.Submit(&r.io)
+	d.submit(r)
 }
 
 func (d *BlkDevice) getID(r *blkReq) {
@@ -371,7 +374,21 @@ func (d *BlkDevice) finish(r *blkReq, status uint8) {
 	r.q = nil
 	r.io = backend.Request{}
 	d.pool.Put(r)
+	q.active.Add(-1)
 	q.inflight.Done()
+}
+
+// submit hands r.io to the engine. When r is the only request of its queue
+// in flight and the ring holds no other, the queue's goroutine has nothing
+// else to do, and the engine may run r on it (SubmitIdle: while the store is
+// fast, that saves a lane's wake-up per request at queue depth 1).
+// Otherwise the lanes run requests in parallel.
+func (d *BlkDevice) submit(r *blkReq) {
+	if r.q.active.Load() == 1 && !r.q.Ring.Pending() {
+		d.engine.SubmitIdle(&r.io)
+		return
+	}
+	d.engine.Submit(&r.io)
 }
 
 // publish writes r's status byte and puts it on the used ring. It runs on the lane that finished

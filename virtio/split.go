@@ -164,6 +164,12 @@ func (q *SplitQueue) Next() (head uint16, ok bool, err error) {
 	return head, true, nil
 }
 
+// Pending reports whether Next would find another chain now (it may also
+// be a broken ring: Next says so).
+func (q *SplitQueue) Pending() bool {
+	return len(q.resubmit) > 0 || load16(q.avail, 2) != q.lastAvail
+}
+
 // Segment is one buffer of a descriptor chain, as the guest described it.
 type Segment struct {
 	Addr  uint64

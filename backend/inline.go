@@ -1,0 +1,68 @@
+package backend
+
+import (
+	"sync/atomic"
+	"time"
+)
+
+// DefaultInlineLimit is the average store time of reads and writes under
+// which SubmitIdle runs requests on the caller's goroutine: page cache and
+// tmpfs speed, where handing a request to a lane costs more than doing it.
+const DefaultInlineLimit = 30 * time.Microsecond
+
+// inlineGate decides whether SubmitIdle may run a request inline. It keeps a
+// moving average of how long the store took for reads and writes, on the
+// lanes and inline alike.
+type inlineGate struct {
+	limit atomic.Int64 // ns; 0: never inline
+	avg   atomic.Int64 // ns, exponentially weighted (1/8 per sample)
+}
+
+func (g *inlineGate) init(limit time.Duration) {
+	g.limit.Store(int64(limit))
+	// Start out slow: the lanes run the first requests, and their times
+	// decide.
+	g.avg.Store(4 * int64(limit))
+}
+
+func (g *inlineGate) open() bool {
+	limit := g.limit.Load()
+	return limit > 0 && g.avg.Load() < limit
+}
+
+// observe adds one store time. Concurrent updates may lose a sample, which
+// an average can afford.
+func (g *inlineGate) observe(d time.Duration) {
+	avg := g.avg.Load()
+	g.avg.Store(avg + (int64(d)-avg)/8)
+}
+
+// SetInlineLimit sets the average store time under which SubmitIdle runs
+// requests inline; 0 never does (every request goes to a lane).
+func (e *Engine) SetInlineLimit(d time.Duration) { e.inline.limit.Store(int64(max(d, 0))) }
+
+// SubmitIdle is Submit for a caller that has nothing else to do until r
+// completes (its queue has no other request in flight, and none waiting).
+// While the store has recently been fast, a read or write runs on the
+// calling goroutine, as a lane would run it, and is completed before
+// SubmitIdle returns: at queue depth 1 a lane only adds a goroutine wake-up
+// (and the Go scheduler's spinning) to every request. A slow store (a disk,
+// a network file system) sends requests to the lanes again, so that the
+// caller can go on popping; only the request that turned the store slow may
+// have held the caller. With io_uring, r goes to the ring, where a request
+// that completes at once is completed by the caller too. It reports whether
+// r ran inline.
+func (e *Engine) SubmitIdle(r *Request) (inline bool) {
+	if e.uring != nil || (r.Op != OpRead && r.Op != OpWrite) || !e.inline.open() {
+		e.Submit(r)
+		return false
+	}
+	r.start = 0
+	if e.observer.Load() != nil {
+		r.start = monotime()
+	}
+	e.barrier.Enter()
+	r.Err = e.execute(r)
+	e.finish(r)
+	return true
+}

@@ -1,0 +1,124 @@
+package backend
+
+import (
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// delayStore is a nullStore whose reads and writes take delay.
+type delayStore struct {
+	nullStore
+	delay time.Duration
+}
+
+func (s delayStore) ReadAt(bufs [][]byte, off int64) error  { time.Sleep(s.delay); return nil }
+func (s delayStore) WriteAt(bufs [][]byte, off int64) error { time.Sleep(s.delay); return nil }
+
+// doneFlag records that Complete was called.
+type doneFlag struct{ n atomic.Int32 }
+
+func (d *doneFlag) Complete(r *Request) { d.n.Add(1) }
+
+func TestSubmitIdle(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		store      Store
+		limit      time.Duration // 0: the default
+		op         Op
+		wantInline bool
+	}{
+		{"fast store reads inline", nullStore{}, 0, OpRead, true},
+		{"fast store writes inline", nullStore{}, 0, OpWrite, true},
+		{"discards go to a lane", nullStore{}, 0, OpDiscard, false},
+		{"write zeroes go to a lane", nullStore{}, 0, OpWriteZeroes, false},
+		{"slow store goes to the lanes", delayStore{delay: 200 * time.Microsecond}, 0, OpRead, false},
+		{"inline switched off", nullStore{}, -1, OpRead, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := NewEngine(tc.store, 2)
+			defer e.Close()
+			if tc.limit < 0 {
+				e.SetInlineLimit(0)
+			}
+			// Warm up: the gate starts closed, and the lanes' times open it
+			// for a fast store.
+			done := make(chanDone, 1)
+			warm := 0
+			for ; warm < 40 || (tc.wantInline && !e.inline.open() && warm < 10000); warm++ {
+				e.Submit(&Request{Op: OpRead, Bufs: [][]byte{make([]byte, 512)}, Done: done})
+				<-done
+			}
+			inline := 0
+			for range 100 {
+				var d doneFlag
+				r := &Request{Op: tc.op, Bufs: [][]byte{make([]byte, 512)}, Length: 512, Done: &d}
+				if e.SubmitIdle(r) {
+					inline++
+					if d.n.Load() != 1 {
+						t.Fatal("SubmitIdle ran a request inline but did not complete it before returning")
+					}
+				}
+				for d.n.Load() == 0 {
+					time.Sleep(10 * time.Microsecond)
+				}
+				if r.Err != nil {
+					t.Fatal(r.Err)
+				}
+			}
+			switch {
+			// A stray slow sample (a preempted goroutine) closes the gate for
+			// a dozen requests or so.
+			case tc.wantInline && inline < 50:
+				t.Errorf("%d of 100 requests ran inline, want most", inline)
+			case !tc.wantInline && inline > 0:
+				t.Errorf("%d of 100 requests ran inline, want none", inline)
+			}
+			if n := e.Stats.Reads.Load() + e.Stats.Writes.Load() + e.Stats.Discards.Load() + e.Stats.WriteZeroes.Load(); n != uint64(warm+100) {
+				t.Errorf("stats count %d requests, want %d", n, warm+100)
+			}
+		})
+	}
+}
+
+// TestSubmitIdleWaitsForFlush: a request run inline is admitted through the
+// barrier like any other: it waits while a flush drains and syncs.
+func TestSubmitIdleWaitsForFlush(t *testing.T) {
+	s := &gatedStore{gate: make(chan struct{}), syncDelay: 50 * time.Millisecond}
+	e := NewEngine(s, 2)
+	defer e.Close()
+	e.inline.avg.Store(0) // the gate is open
+	held := make(chanDone, 1)
+	e.Submit(&Request{Op: OpWrite, Bufs: [][]byte{make([]byte, 512)}, Done: held}) // held at the gate
+	flushed := make(chan time.Time, 1)
+	go func() { e.Flush(); flushed <- time.Now() }()
+	time.Sleep(10 * time.Millisecond) // the flush is waiting for the write
+	var d doneFlag
+	ran := make(chan time.Time, 1)
+	go func() {
+		e.SubmitIdle(&Request{Op: OpRead, Bufs: [][]byte{make([]byte, 512)}, Done: &d})
+		ran <- time.Now()
+	}()
+	time.Sleep(10 * time.Millisecond)
+	if d.n.Load() != 0 {
+		t.Fatal("an inline read ran while a flush was draining")
+	}
+	close(s.gate)
+	<-held
+	flushEnd, readEnd := <-flushed, <-ran
+	if readEnd.Before(flushEnd) {
+		t.Errorf("the inline read finished %v before the flush", flushEnd.Sub(readEnd))
+	}
+}
+
+func BenchmarkSubmitIdle(b *testing.B) {
+	e := NewEngine(nullStore{}, 2)
+	defer e.Close()
+	e.inline.avg.Store(0)
+	var d doneFlag
+	r := &Request{Op: OpRead, Bufs: [][]byte{make([]byte, 4096)}, Done: &d}
+	b.ReportAllocs()
+	for b.Loop() {
+		e.SubmitIdle(r)
+	}
+}
