@@ -324,6 +324,28 @@ phase_qemukill() {
 	wait
 }
 
+# The guest reboots itself (QEMU resets the machine: the driver resets the device and vublk sees
+# the rings stop and start again) and the second boot, finding the marker the first wrote and
+# flushed, verifies the data. An unclean path: reboot -f without unmounting or syncing.
+phase_reboot() {
+	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	marker=$(dd if=/dev/vda bs=512 skip=1 count=1 2>/dev/null | head -c 12)
+	if [ "$marker" != "vublk-reboot" ]; then
+		dd if=/dev/urandom of=/tmp/data bs=1M count=8 2>/dev/null
+		run reboot_write dd if=/tmp/data of=/dev/vda bs=1M seek=16 count=8 oflag=direct
+		md5=$(md5sum </tmp/data | cut -d' ' -f1)
+		printf 'vublk-reboot %s' "$md5" | dd of=/dev/vda bs=512 seek=1 conv=sync,fsync 2>/dev/null
+		ok reboot_first "$md5"
+		echo "E2E rebooting"
+		reboot -f
+		sleep 60
+	fi
+	md5=$(dd if=/dev/vda bs=512 skip=1 count=1 2>/dev/null | cut -c14-45)
+	ok reboot_second
+	expect reboot_data "$(dev_md5 /dev/vda 16 8)" "$md5"
+	run reboot_write_again dd if=/dev/zero of=/dev/vda bs=1M seek=16 count=8 oflag=direct conv=fsync
+}
+
 case "$PHASE" in
 main) phase_main ;;
 reconnect) phase_reconnect ;;
@@ -332,6 +354,7 @@ crashwork) phase_crashwork ;;
 service) phase_service ;;
 restart) phase_restart ;;
 qemukill) phase_qemukill ;;
+reboot) phase_reboot ;;
 bench) phase_bench ;;
 *) fail phase "unknown phase '$PHASE'" ;;
 esac

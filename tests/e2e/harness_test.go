@@ -386,6 +386,9 @@ type boot struct {
 	killAfter time.Duration
 	// onLine, when set, sees every console line as it arrives.
 	onLine func(line string)
+	// reboot lets the guest reboot (QEMU resets the machine and boots it again) instead of
+	// ending the run.
+	reboot bool
 }
 
 // bootGuest boots the guest and collects the results of its checks.
@@ -399,9 +402,12 @@ func bootGuest(t *testing.T, b boot) *vm {
 	args := []string{
 		"-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1G",
 		"-object", "memory-backend-memfd,id=mem,size=1G,share=on", "-numa", "node,memdev=mem",
-		"-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
+		"-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
 		"-kernel", env.kernel, "-initrd", env.initramfs,
 		"-append", "console=ttyS0 panic=-1 loglevel=4 " + strings.Join(cmdline, " "),
+	}
+	if !b.reboot {
+		args = append(args, "-no-reboot")
 	}
 	for i, d := range b.disks {
 		id := fmt.Sprintf("vublk%d", i)

@@ -151,3 +151,33 @@ func waitLogCount(t *testing.T, d *daemon, msg string, n int, timeout time.Durat
 		}
 	}
 }
+
+// TestGuestReboot: the guest writes, flushes and reboots itself with reboot -f. QEMU resets the
+// machine, the driver resets the device (vublk stops and restarts the rings on the same
+// connection), and the second boot of the same VM reads the data back and writes again.
+func TestGuestReboot(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "rw.sock")
+	d := startVublk(t, sock, "--blk-file", filepath.Join(dir, "disk.img"), "--size", "1G", "--name", "rw")
+	v := bootGuest(t, boot{
+		disks:   []disk{{socket: sock, numQueues: 2}},
+		params:  map[string]string{"phase": "reboot", "size": strconv.Itoa(diskSize)},
+		timeout: 3 * time.Minute,
+		reboot:  true,
+	})
+	v.expectChecks(t, "reboot", []string{"size", "reboot_write", "reboot_first", "reboot_second", "reboot_data", "reboot_write_again"})
+	if n := strings.Count(v.console.String(), "E2E ok size"); n != 2 {
+		t.Errorf("the guest booted %d times, want 2", n)
+	}
+	if n := d.countLogs("front-end connected"); n != 1 {
+		t.Errorf("QEMU connected %d times, want once: a reboot keeps the connection", n)
+	}
+	stats, err := d.stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := stats["errors"].(float64); n != 0 {
+		t.Errorf("vublk counted %v errors", n)
+	}
+	t.Logf("vublk: %v", stats)
+}
