@@ -62,6 +62,7 @@ func (e *Engine) SubmitIdle(r *Request) (inline bool) {
 		r.start = monotime()
 	}
 	e.barrier.Enter()
+	e.Stats.Inline.Add(1)
 	r.Err = e.execute(r)
 	e.finish(r)
 	return true

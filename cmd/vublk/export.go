@@ -159,7 +159,7 @@ func (e *export) stop() error {
 	e.log.WithFields(logrus.Fields{
 		"reads": stats.Reads, "writes": stats.Writes, "flushes": stats.Flushes, "discards": stats.Discards,
 		"write_zeroes": stats.WriteZeroes, "bytes_read": stats.BytesRead, "bytes_written": stats.BytesWritten,
-		"errors": stats.Errors, "flush_errors": stats.FlushErrors,
+		"errors": stats.Errors, "flush_errors": stats.FlushErrors, "inline": stats.Inline,
 	}).Info("export stopped")
 	return errors.Join(errs...)
 }

@@ -35,6 +35,12 @@ func (s slowStore) WriteAt(bufs [][]byte, off int64) error {
 	return s.CrashStore.WriteAt(bufs, off)
 }
 
+// memoryStore wraps the CrashStore without slowing it, for the runs where the engine runs a
+// queue's only request on the queue's goroutine (Engine.SubmitIdle) instead of a lane.
+type memoryStore struct {
+	*backend.CrashStore
+}
+
 // rig is the whole stack over a crashable store: a vhost-user server with a virtio-blk device on
 // an engine with lanes, and the test front-end connected to it through a unix socket.
 type rig struct {
@@ -51,6 +57,9 @@ type rigConfig struct {
 	// to write through via the config space; "" is write back.
 	writeThrough string
 	broken       bool // the barrier syncs before draining
+	// inline: one request in flight per queue on a fast store, so that requests run on the
+	// queues' goroutines (SubmitIdle), not on lanes.
+	inline bool
 }
 
 func (c rigConfig) String() string {
@@ -61,13 +70,25 @@ func (c rigConfig) String() string {
 	if c.broken {
 		s += "/sync-before-drain"
 	}
+	if c.inline {
+		s += "/inline-qd1"
+	}
 	return s
 }
 
 func startRig(t *testing.T, c rigConfig) *rig {
 	t.Helper()
 	store := backend.NewCrashStore(diskSize)
-	engine := backend.NewEngine(slowStore{store}, c.lanes)
+	var wrapped backend.Store = slowStore{store}
+	if c.inline {
+		wrapped = memoryStore{store}
+	}
+	engine := backend.NewEngine(wrapped, c.lanes)
+	if c.inline {
+		// The crash store (with the race detector) is not as fast as a page cache: let the
+		// engine count it as fast.
+		engine.SetInlineLimit(time.Second)
+	}
 	engine.Barrier().SetUnsafeSyncBeforeDrain(c.broken)
 	log := logrus.New()
 	log.SetOutput(io.Discard)
@@ -156,9 +177,9 @@ func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad 
 	var wg sync.WaitGroup
 	var nops atomic.Int64
 	var ioErr atomic.Value
-	workers := 2 * c.queues
-	if workers < 4 {
-		workers = 4
+	workers, depth := max(2*c.queues, 4), 6
+	if c.inline {
+		workers, depth = c.queues, 0 // one goroutine per queue, each waiting for every request
 	}
 	for w := 0; w < workers; w++ {
 		wg.Add(1)
@@ -176,6 +197,9 @@ func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad 
 				default:
 				}
 				q := rng.IntN(c.queues)
+				if c.inline {
+					q = w
+				}
 				var p *frontend.Pending
 				var err error
 				sector, sectors := randomSectors(rng)
@@ -193,8 +217,8 @@ func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad 
 				}
 				nops.Add(1)
 				inflight = append(inflight, p)
-				// Keep up to 6 requests in flight per goroutine; wait for the oldest beyond that.
-				if len(inflight) > 6 || rng.IntN(8) == 0 {
+				// Keep up to depth requests in flight per goroutine; wait for the oldest beyond that.
+				if len(inflight) > depth || rng.IntN(8) == 0 {
 					res := inflight[0].Wait()
 					inflight = inflight[1:]
 					if res.Err != nil {
@@ -236,6 +260,11 @@ func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad 
 	if r.store.Syncs() == 0 {
 		t.Fatalf("%v: no sync reached the store", c)
 	}
+	if n := r.engine.Stats.Inline.Load(); c.inline && n == 0 {
+		t.Fatalf("%v: no request ran inline", c)
+	} else if c.inline {
+		t.Logf("%v: %d of %d reads and writes ran inline", c, n, r.engine.Stats.Reads.Load()+r.engine.Stats.Writes.Load())
+	}
 	return points, bad, examples, nops.Load()
 }
 
@@ -256,6 +285,7 @@ func TestCrashConsistency(t *testing.T) {
 	for _, wt := range []string{"config", "wce"} {
 		configs = append(configs, rigConfig{lanes: 2, queues: 2, writeThrough: wt}, rigConfig{lanes: 8, queues: 4, writeThrough: wt})
 	}
+	configs = append(configs, rigConfig{lanes: 2, queues: 4, inline: true}, rigConfig{lanes: 2, queues: 2, writeThrough: "config", inline: true})
 	total, totalOps := 0, int64(0)
 	start := time.Now()
 	for i, c := range configs {
