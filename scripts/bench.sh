@@ -8,7 +8,8 @@
 # Server CPU per request comes from /proc/PID/stat of the server.
 #
 # Environment: ROUNDS (3), RUNTIME (5s per job), RAMP (1s warm-up per job), SIZE_MB (1024),
-# QUEUES (2: both servers are started with this many queues), OUT (bin/bench-results.jsonl).
+# QUEUES (2: both servers are started with this many queues), OUT (bin/bench-results.jsonl),
+# SERVERS ("qsd vublk"; add vublk-uring for vublk with --io-engine uring).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,7 @@ RAMP=${RAMP:-1s}
 SIZE_MB=${SIZE_MB:-1024}
 QUEUES=${QUEUES:-2}
 OUT=${OUT:-bin/bench-results.jsonl}
+SERVERS=${SERVERS:-qsd vublk}
 VUBLK=bin/vublk
 QSD=$(command -v qemu-storage-daemon || true)
 
@@ -72,6 +74,14 @@ start_server() {
     "$VUBLK" serve --socket-path "$sock" --blk-file "$img" --num-queues "$QUEUES" --log-level warn \
       >"$dir/vublk.log" 2>&1 &
     ;;
+  vublk-uring)
+    "$VUBLK" serve --socket-path "$sock" --blk-file "$img" --num-queues "$QUEUES" --log-level warn \
+      --io-engine uring >"$dir/vublk-uring.log" 2>&1 &
+    ;;
+  *)
+    echo "bench: unknown server $1 (SERVERS: qsd, vublk, vublk-uring)" >&2
+    exit 2
+    ;;
   esac
   server_pid=$!
   for _ in $(seq 100); do
@@ -93,7 +103,7 @@ echo "bench: $($QSD --version | head -n 1) vs vublk ($(git describe --always --d
 echo "bench: ${SIZE_MB} MiB file on tmpfs, $QUEUES queues per server, ${#jobs[@]} jobs x $RUNTIME (+$RAMP warm-up), $ROUNDS rounds"
 for round in $(seq "$ROUNDS"); do
   # Alternate which server goes first, so that neither always runs on a warmer machine.
-  if [ $((round % 2)) -eq 1 ]; then order="qsd vublk"; else order="vublk qsd"; fi
+  if [ $((round % 2)) -eq 1 ]; then order=$SERVERS; else order=$(tr ' ' '\n' <<<"$SERVERS" | tac | xargs); fi
   for server in $order; do
     start_server "$server"
     for job in "${jobs[@]}"; do
