@@ -231,7 +231,7 @@ func (d *BlkDevice) start(q *Queue, head uint16) error {
 		// queue wait for it, and the barrier holds those of other queues.
 		err := d.engine.Flush()
 		if err != nil {
-			d.log.WithField("queue", q.Index).WithError(err).Error("flush failed")
+			d.slog.Log(logrus.Fields{"queue": q.Index, "error": err.Error()}, "flush failed")
 		}
 		d.finish(r, StatusFor(err))
 	case BlkTGetID:

@@ -504,3 +504,49 @@ func TestENOSPC(t *testing.T) {
 		t.Errorf("read back: %v", err)
 	}
 }
+
+// TestStorageErrorLogIsRateLimited: a disk that fails every request, and a
+// latched fsync failure that fails every flush, must not flood the host's
+// log: the first ten failures of a burst are logged at error level with
+// their reason, the rest at debug level, and every request still gets its
+// IOERR.
+func TestStorageErrorLogIsRateLimited(t *testing.T) {
+	const requests = 60
+	inner := backend.NewCrashStore(diskSize)
+	fs := backend.NewFaultStore(inner, backend.FaultRule{Ops: backend.Ops(backend.FaultRead), Err: unix.EIO})
+	inner.SetSyncError(unix.EIO)
+	a := startExport(t, "a", fs, true)
+	a.logger.SetLevel(logrus.DebugLevel)
+	d := a.connect(t)
+	for i := range requests {
+		q := d.Queue(i % numQueues)
+		if _, err := q.Read(uint64(i*8), 4096); !errors.Is(err, frontend.ErrIOError) {
+			t.Fatalf("read %d: %v, want IOERR", i, err)
+		}
+		if err := q.Flush(); !errors.Is(err, frontend.ErrIOError) {
+			t.Fatalf("flush %d: %v, want IOERR", i, err)
+		}
+	}
+	if n := a.dev.Errors(virtio.BlkSIOErr); n != 2*requests {
+		t.Errorf("counted %d IOERR completions, want %d", n, 2*requests)
+	}
+	// One limit for all storage errors of the export: 10 lines at error level.
+	reads, flushes := a.entries(logrus.ErrorLevel, "store operation failed"), a.entries(logrus.ErrorLevel, "flush failed")
+	if n := len(reads) + len(flushes); n != 10 {
+		t.Errorf("%d failed reads and %d failed flushes logged at error level, want 10 in all", len(reads), len(flushes))
+	}
+	for _, en := range append(reads, flushes...) {
+		if !strings.Contains(errorText(en), "input/output error") {
+			t.Errorf("%s logged without its reason: %v", en.Message, en.Data)
+		}
+	}
+	debug := 0
+	for _, en := range a.logs.AllEntries() {
+		if en.Level == logrus.DebugLevel && (en.Message == "store operation failed" || en.Message == "flush failed") {
+			debug++
+		}
+	}
+	if debug != 2*requests-10 {
+		t.Errorf("%d failures logged at debug level, want %d", debug, 2*requests-10)
+	}
+}
