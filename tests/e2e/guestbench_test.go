@@ -85,7 +85,12 @@ func TestGuestBench(t *testing.T) {
 		}
 		for _, backend := range order {
 			t.Run(fmt.Sprintf("round%d-%s", round, backend), func(t *testing.T) {
-				srv := startServer(t, backend, sock, filepath.Join(dir, backend+".log"), commands[backend])
+				argv := commands[backend]
+				if prof := os.Getenv("VUBLK_GUEST_BENCH_CPUPROFILE"); prof != "" && backend == "vublk" {
+					// A CPU profile of vublk per round, for go tool pprof.
+					argv = append(argv[:len(argv):len(argv)], "--cpuprofile", fmt.Sprintf("%s.round%d", prof, round))
+				}
+				srv := startServer(t, backend, sock, filepath.Join(dir, backend+".log"), argv)
 				got := guestBench(t, srv.cmd.Process.Pid, sock, seconds)
 				srv.stop(t)
 				for i := range got {

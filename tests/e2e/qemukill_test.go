@@ -154,11 +154,17 @@ func waitLogCount(t *testing.T, d *daemon, msg string, n int, timeout time.Durat
 
 // TestGuestReboot: the guest writes, flushes and reboots itself with reboot -f. QEMU resets the
 // machine, the driver resets the device (vublk stops and restarts the rings on the same
-// connection), and the second boot of the same VM reads the data back and writes again.
+// connection), and the second boot of the same VM reads the data back and writes again. vublk
+// runs here with the other I/O path, io_uring over an O_DIRECT file, so that a real guest
+// exercises it too.
 func TestGuestReboot(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "rw.sock")
-	d := startVublk(t, sock, "--blk-file", filepath.Join(dir, "disk.img"), "--size", "1G", "--name", "rw")
+	d := startVublk(t, sock, "--blk-file", filepath.Join(dir, "disk.img"), "--size", "1G", "--name", "rw",
+		"--io-engine", "uring", "--direct")
+	if ready := d.lastLog("export ready", "rw"); ready == nil || ready["io_engine"] != "uring" || ready["direct"] != true {
+		t.Fatalf("vublk did not start with io_uring and O_DIRECT: %v", ready)
+	}
 	v := bootGuest(t, boot{
 		disks:   []disk{{socket: sock, numQueues: 2}},
 		params:  map[string]string{"phase": "reboot", "size": strconv.Itoa(diskSize)},
