@@ -91,16 +91,8 @@ func TestServeURing(t *testing.T) {
 	bin := binary(t)
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "s.sock")
-	cmd := exec.Command(bin, "serve", "--socket-path", sock, "--blk-file", filepath.Join(dir, "d.img"), "--size", "4M",
+	cmd, logs, done := startServe(t, bin, "serve", "--socket-path", sock, "--blk-file", filepath.Join(dir, "d.img"), "--size", "4M",
 		"--io-engine", "uring")
-	logs := &syncBuffer{}
-	cmd.Stderr = logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { cmd.Process.Kill() })
 	deadline := time.After(30 * time.Second)
 	for !strings.Contains(logs.String(), "export ready") {
 		select {
@@ -180,15 +172,7 @@ func TestServiceConfigDirect(t *testing.T) {
 	bin := binary(t)
 	dir := directDir(t)
 	conf := serviceConfig(t, dir, map[string]string{"alpha": "4M", "beta": "4M"}, "direct = true\nio_engine = \"lanes\"")
-	cmd := exec.Command(bin, "serve", "--config", conf)
-	logs := &syncBuffer{}
-	cmd.Stderr = logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { cmd.Process.Kill() })
+	cmd, logs, done := startServe(t, bin, "serve", "--config", conf)
 	waitLog(t, logs, `"msg":"export ready"`, 2)
 	if n := strings.Count(logs.String(), `"direct":true`); n != 2 {
 		t.Errorf("%d exports say direct, want 2:\n%s", n, logs.String())

@@ -77,15 +77,7 @@ func TestServiceConfigReload(t *testing.T) {
 	bin := binary(t)
 	dir := t.TempDir()
 	conf := serviceConfig(t, dir, map[string]string{"alpha": "4M", "beta": "4M", "gamma": "4M"}, "")
-	cmd := exec.Command(bin, "serve", "--config", conf)
-	logs := &syncBuffer{}
-	cmd.Stderr = logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() { cmd.Process.Kill() })
+	cmd, logs, done := startServe(t, bin, "serve", "--config", conf)
 	waitLog(t, logs, `"msg":"export ready"`, 3)
 
 	alpha := connect(t, filepath.Join(dir, "alpha.sock"))
@@ -186,4 +178,20 @@ func TestServiceConfigErrors(t *testing.T) {
 		!strings.Contains(stderr.String(), "cannot be combined") {
 		t.Errorf("--config with --blk-file: %d %s", code, stderr.String())
 	}
+}
+
+// startServe runs the vublk binary with args, its log collected in logs; done receives its exit.
+// The test's cleanup kills it.
+func startServe(t *testing.T, bin string, args ...string) (*exec.Cmd, *syncBuffer, chan error) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	logs := &syncBuffer{}
+	cmd.Stderr = logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	return cmd, logs, done
 }
