@@ -59,17 +59,17 @@ e2e:
 test: deps check unit crash e2e
 
 # vublk and qemu-storage-daemon side by side on a tmpfs file, 3 rounds of the same jobs, then the
-# in-guest comparison (bench-guest) (needs make deps; about 10 minutes). ROUNDS, RUNTIME and RAMP
+# in-guest comparison (bench-guest) (runs make deps first; about 10 minutes). ROUNDS, RUNTIME and RAMP
 # override scripts/bench.sh's defaults; ROUNDS and GUEST_SECONDS bench-guest's.
-bench: build
+bench: deps build
 	bash scripts/bench.sh
 	$(MAKE) --no-print-directory bench-guest
 
 # The in-guest comparison: a TCG guest runs fio jobs against qemu-storage-daemon and vublk, and the
-# table shows each server's CPU time per I/O (needs the guest kernel and tools: run make deps
-# first). ROUNDS (2) rounds, GUEST_SECONDS (10) per job; every run goes to GUEST_OUT.
+# table shows each server's CPU time per I/O (make deps installs the guest kernel and tools).
+# ROUNDS (2) rounds, GUEST_SECONDS (10) per job; every run goes to GUEST_OUT.
 GUEST_OUT ?= $(CURDIR)/bin/bench-guest-results.jsonl
-bench-guest:
+bench-guest: deps
 	VUBLK_GUEST_BENCH=1 OUT=$(GUEST_OUT) $(GO) test -tags e2e -run TestGuestBench -count=1 -v -timeout 30m ./tests/e2e/
 
 # Run every fuzz target for FUZZTIME each.
