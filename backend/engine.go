@@ -3,6 +3,7 @@ package backend
 import (
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -289,9 +290,12 @@ func (e *Engine) Close() error {
 // run is the worker of lane l.
 func (e *Engine) run(l *lane) {
 	defer e.wg.Done()
+	// A fault on a request's buffers becomes that request's error
+	// (executeSafe), not the end of the process.
+	debug.SetPanicOnFault(true)
 	for r := range l.ch {
 		l.busy.Store(true)
-		r.Err = e.execute(r)
+		r.Err = e.executeSafe(r)
 		e.account(r)
 		l.busy.Store(false)
 		e.complete(r)
@@ -325,6 +329,23 @@ func (e *Engine) complete(r *Request) {
 	done := r.Done
 	e.barrier.Exit()
 	done.Complete(r)
+}
+
+// executeSafe is execute on a goroutine that runs with
+// debug.SetPanicOnFault: a fault on guest memory while the store copies a
+// request's buffers (past the end of a memfd the front-end truncated) is
+// returned as ErrMemoryFault. Other panics go on.
+func (e *Engine) executeSafe(r *Request) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			if _, fault := p.(interface{ Addr() uintptr }); fault {
+				err = fmt.Errorf("%v at offset %d: %w: %v", r.Op, r.Offset, ErrMemoryFault, p)
+				return
+			}
+			panic(p)
+		}
+	}()
+	return e.execute(r)
 }
 
 func (e *Engine) execute(r *Request) error {

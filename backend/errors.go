@@ -40,6 +40,12 @@ var (
 	// read-modify-write).
 	ErrMisaligned = errors.New("offset or length not aligned for direct I/O")
 
+	// ErrMemoryFault is returned when a store touching a request's buffers
+	// in user space (a bounce buffer copy, the write log, an in-memory
+	// store) faulted: the front-end shrank the memory it shared (truncated
+	// its memfd). The request fails; the lane and the daemon go on.
+	ErrMemoryFault = errors.New("fault on the request's memory")
+
 	// ErrClosed is returned when a request is submitted to an engine that has
 	// been closed.
 	ErrClosed = errors.New("engine closed")

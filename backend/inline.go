@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"runtime/debug"
 	"sync/atomic"
 	"time"
 )
@@ -63,7 +64,14 @@ func (e *Engine) SubmitIdle(r *Request) (inline bool) {
 	}
 	e.barrier.Enter()
 	e.Stats.Inline.Add(1)
-	r.Err = e.execute(r)
+	r.Err = e.executeInline(r)
 	e.finish(r)
 	return true
+}
+
+// executeInline is executeSafe on the caller's goroutine, with faults caught
+// for the time of the request only.
+func (e *Engine) executeInline(r *Request) error {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	return e.executeSafe(r)
 }
