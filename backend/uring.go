@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -184,12 +185,19 @@ func (u *uring) push(sqe uringSQE) error {
 // consumed by the time the last of those submits returns. It retries EINTR
 // and EAGAIN (no memory for a request right now).
 func (u *uring) submit(n uint32) error {
-	for {
+	for try := 0; ; try++ {
 		_, errno := sysURingEnter(u.fd, n, 0, 0)
 		switch errno {
 		case 0:
 			return nil
-		case unix.EINTR, unix.EAGAIN, unix.EBUSY:
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN, unix.EBUSY, unix.ENOMEM:
+			// The kernel is short of memory for requests, or of CQ room:
+			// transient. Back off a little if it lasts.
+			if try >= 100 {
+				time.Sleep(50 * time.Microsecond)
+			}
 			continue
 		}
 		return fmt.Errorf("io_uring_enter: %w", errno)
