@@ -473,6 +473,14 @@ func (c *conn) installMemory(regions []*mappedRegion, mem *virtio.GuestMemory) {
 	stopped := c.stopAll()
 	old := c.regions
 	c.regions, c.mem = regions, mem
+	// Rings stopped when the last region was removed start again too: the
+	// front-end does not send their kick descriptors again.
+	for _, v := range c.rings {
+		if v.waitMem && !v.started() {
+			stopped = append(stopped, v)
+		}
+		v.waitMem = false
+	}
 	for _, v := range stopped {
 		if err := c.startRing(v); err != nil {
 			c.log.WithError(err).WithField("queue", v.index).Error("ring not restarted after the memory table changed")
@@ -547,7 +555,8 @@ func (c *conn) remMemReg(m *Message) error {
 	if len(regions) == 0 {
 		stopped := c.stopAll()
 		for _, v := range stopped {
-			c.log.WithField("queue", v.index).Warn("ring stopped: its memory was removed")
+			v.waitMem = true
+			c.log.WithField("queue", v.index).Info("ring stopped until memory is added again: its memory was removed")
 		}
 		unmapAll(c.regions)
 		c.regions, c.mem = nil, nil

@@ -56,8 +56,11 @@ type vring struct {
 	q        *virtio.Queue
 	waiter   *kickWaiter // the goroutine waits for kicks and pokes on it
 	stopping atomic.Bool
-	broken   atomic.Bool
-	done     chan struct{}
+	// waitMem: the ring was stopped because REM_MEM_REG removed the last
+	// memory region; it starts again when memory is added.
+	waitMem bool
+	broken  atomic.Bool
+	done    chan struct{}
 }
 
 func newVring(index int) *vring {
