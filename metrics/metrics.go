@@ -59,6 +59,7 @@ type Exporter struct {
 
 	requests, bytes, storeErrors, requestErrors *prometheus.Desc
 	flushErrors, syncFailed, laneInflight       *prometheus.Desc
+	inline, uringInflight                       *prometheus.Desc
 
 	duration             *prometheus.HistogramVec
 	flushWait, flushSync prometheus.Histogram
@@ -88,6 +89,9 @@ func NewExporter(name string, eng *backend.Engine, dev *virtio.BlkDevice) *Expor
 		syncFailed: desc("sync_failed",
 			"1 once a sync of the store has failed: every later flush fails until the export is restarted."),
 		laneInflight: desc("lane_inflight", "Requests handed to a lane and not finished: queued or executing.", "lane"),
+		inline: desc("inline_requests_total",
+			"Reads and writes run on their queue's goroutine instead of a lane (a queue's only request, on a fast store)."),
+		uringInflight: desc("uring_inflight", "Requests on the io_uring and not finished (always 0 with --io-engine lanes)."),
 		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "request_duration_seconds",
 			Help: "Time from the engine accepting a request until its store operation finished (for a flush: until the flush " +
@@ -140,7 +144,7 @@ func (x *Exporter) Unregister(reg prometheus.Registerer) bool {
 
 // Describe implements prometheus.Collector.
 func (x *Exporter) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{x.requests, x.bytes, x.storeErrors, x.flushErrors, x.syncFailed, x.laneInflight} {
+	for _, d := range []*prometheus.Desc{x.requests, x.bytes, x.storeErrors, x.flushErrors, x.syncFailed, x.laneInflight, x.inline, x.uringInflight} {
 		ch <- d
 	}
 	if x.dev != nil {
@@ -181,6 +185,8 @@ func (x *Exporter) Collect(ch chan<- prometheus.Metric) {
 	for i, lane := range x.lanes {
 		gauge(x.laneInflight, float64(x.eng.LaneInflight(i)), lane)
 	}
+	counter(x.inline, s.Inline)
+	gauge(x.uringInflight, float64(x.eng.URingInflight()))
 	x.duration.Collect(ch)
 	x.flushWait.Collect(ch)
 	x.flushSync.Collect(ch)

@@ -227,14 +227,21 @@ vublk_sync_failed{export="disk0"} 0
 # TYPE vublk_lane_inflight gauge
 vublk_lane_inflight{export="disk0",lane="0"} 0
 vublk_lane_inflight{export="disk0",lane="1"} 0
+# HELP vublk_uring_inflight Requests on the io_uring and not finished (always 0 with --io-engine lanes).
+# TYPE vublk_uring_inflight gauge
+vublk_uring_inflight{export="disk0"} 0
 `
 	if err := testutil.ScrapeAndCompare(srv.URL(), strings.NewReader(want),
 		"vublk_requests_total", "vublk_bytes_total", "vublk_request_errors_total", "vublk_store_errors_total",
-		"vublk_flush_errors_total", "vublk_sync_failed", "vublk_lane_inflight"); err != nil {
+		"vublk_flush_errors_total", "vublk_sync_failed", "vublk_lane_inflight", "vublk_uring_inflight"); err != nil {
 		t.Error(err)
 	}
 
 	mf := scrape(t, http.DefaultClient, srv.URL())
+	// How many ran inline depends on how fast the store was: at most the reads and writes.
+	if m := find(mf, "vublk_inline_requests_total", "export=disk0"); m == nil || m.Counter.GetValue() > 5 {
+		t.Errorf("vublk_inline_requests_total = %v, want a counter of at most 5", m)
+	}
 	for op, n := range map[string]uint64{"read": 2, "write": 3, "discard": 1, "write-zeroes": 1, "flush": 1} {
 		if got := histogramCount(t, mf, "vublk_request_duration_seconds", "export=disk0", "op="+op); got != n {
 			t.Errorf("vublk_request_duration_seconds{op=%q} has %d samples, want %d", op, got, n)
