@@ -81,33 +81,58 @@ func TestSubmitIdle(t *testing.T) {
 	}
 }
 
+// orderStore is a gatedStore that records when its last sync ended and when
+// its last read ran.
+type orderStore struct {
+	*gatedStore
+	syncEnd, readAt atomic.Int64 // monotime
+}
+
+func (s *orderStore) Sync() error {
+	err := s.gatedStore.Sync()
+	s.syncEnd.Store(int64(monotime()))
+	return err
+}
+
+func (s *orderStore) ReadAt(bufs [][]byte, off int64) error {
+	s.readAt.Store(int64(monotime()))
+	return s.gatedStore.ReadAt(bufs, off)
+}
+
 // TestSubmitIdleWaitsForFlush: a request run inline is admitted through the
 // barrier like any other: it waits while a flush drains and syncs.
 func TestSubmitIdleWaitsForFlush(t *testing.T) {
-	s := &gatedStore{gate: make(chan struct{}), syncDelay: 50 * time.Millisecond}
+	s := &orderStore{gatedStore: &gatedStore{gate: make(chan struct{}), syncDelay: 20 * time.Millisecond}}
 	e := NewEngine(s, 2)
 	defer e.Close()
 	e.inline.avg.Store(0) // the gate is open
 	held := make(chanDone, 1)
 	e.Submit(&Request{Op: OpWrite, Bufs: [][]byte{make([]byte, 512)}, Done: held}) // held at the gate
-	flushed := make(chan time.Time, 1)
-	go func() { e.Flush(); flushed <- time.Now() }()
-	time.Sleep(10 * time.Millisecond) // the flush is waiting for the write
+	flushed := make(chan error, 1)
+	go func() { flushed <- e.Flush() }()
+	// Wait until the flush has closed the barrier (it is waiting for the write).
+	for closed := false; !closed; time.Sleep(time.Millisecond) {
+		e.barrier.mu.Lock()
+		closed = e.barrier.epoch != nil
+		e.barrier.mu.Unlock()
+	}
 	var d doneFlag
-	ran := make(chan time.Time, 1)
-	go func() {
-		e.SubmitIdle(&Request{Op: OpRead, Bufs: [][]byte{make([]byte, 512)}, Done: &d})
-		ran <- time.Now()
-	}()
+	ran := make(chan bool, 1)
+	go func() { ran <- e.SubmitIdle(&Request{Op: OpRead, Bufs: [][]byte{make([]byte, 512)}, Done: &d}) }()
 	time.Sleep(10 * time.Millisecond)
 	if d.n.Load() != 0 {
 		t.Fatal("an inline read ran while a flush was draining")
 	}
 	close(s.gate)
 	<-held
-	flushEnd, readEnd := <-flushed, <-ran
-	if readEnd.Before(flushEnd) {
-		t.Errorf("the inline read finished %v before the flush", flushEnd.Sub(readEnd))
+	if err := <-flushed; err != nil {
+		t.Fatal(err)
+	}
+	if !<-ran {
+		t.Fatal("the read did not run inline")
+	}
+	if read, synced := s.readAt.Load(), s.syncEnd.Load(); read < synced {
+		t.Errorf("the inline read ran %v before the flush's sync ended", time.Duration(synced-read))
 	}
 }
 
