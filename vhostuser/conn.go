@@ -402,6 +402,11 @@ func (c *conn) startRing(v *vring) error {
 func (c *conn) runRing(v *vring, q *virtio.Queue, kick *kickWaiter, done chan struct{}, resumed bool) {
 	defer close(done)
 	log := c.log.WithField("queue", v.index)
+	// ready tells the kick waiter whether to skip waiting: a stop, or buffers
+	// made available before the wait began.
+	ready := func() bool {
+		return v.stopping.Load() || (v.enabled.Load() && !v.broken.Load() && q.Pending())
+	}
 	for {
 		// Process first: buffers may have been made available before the
 		// kick descriptor was set, or while the ring was disabled.
@@ -416,7 +421,7 @@ func (c *conn) runRing(v *vring, q *virtio.Queue, kick *kickWaiter, done chan st
 				v.call.Notify()
 			}
 		}
-		if err := kick.wait(); err != nil {
+		if err := kick.wait(ready); err != nil {
 			log.WithError(err).Error("kick descriptor failed; waiting for the ring to be stopped")
 			kick.waitPoke()
 		}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -81,10 +82,24 @@ func (v *vring) poke() {
 // parks like any goroutine instead of holding a thread in poll(2), which saves
 // a thread hand-off on every kick. A poke sets a read deadline in the past,
 // which ends the current (or next) wait at once.
+//
+// The wait does not read the eventfd: Go's poller watches it edge-triggered,
+// and every write of the front-end is a new edge that wakes the parked
+// goroutine. Reading the counter would cost two read(2) calls per kick (one
+// finding it empty before parking, one after). The poller forgets an edge
+// that came before the wait began, so wait asks its caller, once the poller
+// is armed, whether there is work already (a kick comes after the buffers it
+// announces are visible in the ring). The counter is drained every drainEvery
+// waits, which keeps it far from its 2^64 limit.
 type kickWaiter struct {
 	f      *os.File
+	rc     syscall.RawConn
+	waits  int
 	pokedc chan struct{} // for waitPoke, after the kick descriptor failed
 }
+
+// drainEvery is how many waits go by between reads of the kick counter.
+const drainEvery = 1024
 
 func newKickWaiter(kick int) (*kickWaiter, error) {
 	fd, err := unix.FcntlInt(uintptr(kick), unix.F_DUPFD_CLOEXEC, 0)
@@ -95,14 +110,36 @@ func newKickWaiter(kick int) (*kickWaiter, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("kick descriptor: %w", err)
 	}
-	return &kickWaiter{f: os.NewFile(uintptr(fd), "vring-kick"), pokedc: make(chan struct{}, 1)}, nil
+	f := os.NewFile(uintptr(fd), "vring-kick")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("kick descriptor: %w", err)
+	}
+	return &kickWaiter{f: f, rc: rc, pokedc: make(chan struct{}, 1)}, nil
 }
 
-// wait returns after a kick or a poke; an error means the kick descriptor is
-// unusable.
-func (k *kickWaiter) wait() error {
-	var buf [8]byte
-	_, err := k.f.Read(buf[:])
+// wait returns after a kick or a poke, or at once if ready reports true once
+// the poller is armed (work that came before the wait); an error means the
+// kick descriptor is unusable.
+func (k *kickWaiter) wait(ready func() bool) error {
+	k.waits++
+	if k.waits%drainEvery == 0 {
+		var buf [8]byte
+		k.rc.Read(func(fd uintptr) bool {
+			unix.Read(int(fd), buf[:]) // EAGAIN: already empty
+			return true
+		})
+	}
+	armed := false
+	err := k.rc.Read(func(uintptr) bool {
+		// Called once the poller is armed, and again after each wake-up.
+		if armed {
+			return true
+		}
+		armed = true
+		return ready()
+	})
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		k.f.SetReadDeadline(time.Time{})
 		return nil

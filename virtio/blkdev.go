@@ -35,6 +35,20 @@ type Queue struct {
 // only after the popping goroutine has stopped.
 func (q *Queue) Drain() { q.inflight.Wait() }
 
+// Pending reports whether the driver has made buffers available that were not
+// popped yet. Only the popping goroutine may call it. A fault on guest memory
+// reports true: ProcessQueue then finds the fault and breaks the queue.
+func (q *Queue) Pending() (pending bool) {
+	var err error
+	defer func() {
+		if err != nil {
+			pending = true
+		}
+	}()
+	defer catchFault(debug.SetPanicOnFault(true), &err)
+	return q.Ring.Pending()
+}
+
 // BlkDevice is a virtio-blk device over a backend engine. One BlkDevice serves
 // all queues of one export.
 type BlkDevice struct {
