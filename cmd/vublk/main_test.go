@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"net"
 	"os"
 	"os/exec"
@@ -303,5 +304,33 @@ func TestSystemdNotify(t *testing.T) {
 	}
 	if err := wait(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestServeCPUProfile: --cpuprofile writes a profile go tool pprof reads (gzip-compressed protobuf)
+// when the server stops on SIGTERM; a profile path that cannot be created is a usage error.
+func TestServeCPUProfile(t *testing.T) {
+	bin := binary(t)
+	dir := t.TempDir()
+	prof := filepath.Join(dir, "cpu.prof")
+	cmd := exec.Command(bin, "serve", "--socket-path", filepath.Join(dir, "s.sock"), "--blk-file",
+		filepath.Join(dir, "d.img"), "--size", "4M", "--cpuprofile", prof)
+	logs, wait := started(t, cmd)
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := wait(); err != nil {
+		t.Fatalf("exit: %v\n%s", err, logs.String())
+	}
+	data, err := os.ReadFile(prof)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(data) < 2 || data[0] != 0x1f || data[1] != 0x8b {
+		t.Errorf("the profile (%d bytes) is not gzip-compressed pprof data", len(data))
+	}
+	out, err := exec.Command(bin, "serve", "--socket-path", filepath.Join(dir, "t.sock"), "--blk-file",
+		filepath.Join(dir, "d.img"), "--cpuprofile", filepath.Join(dir, "missing", "cpu.prof")).CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "--cpuprofile") {
+		t.Errorf("unwritable --cpuprofile: %v, %q; want exit 2 and the flag named", err, out)
 	}
 }
