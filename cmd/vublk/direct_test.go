@@ -203,13 +203,5 @@ func TestServiceConfigDirect(t *testing.T) {
 	roundTrip(t, beta, 8)
 	beta.Close()
 
-	cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("exit: %v\n%s", err, logs.String())
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("no exit after SIGTERM")
-	}
+	stopServe(t, cmd, logs, done)
 }

@@ -129,15 +129,7 @@ func TestServiceConfigReload(t *testing.T) {
 	}
 	roundTrip(t, alpha, 24)
 
-	cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("exit: %v\n%s", err, logs.String())
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("no exit after SIGTERM")
-	}
+	stopServe(t, cmd, logs, done)
 	// gamma stopped at the reload; alpha, beta and delta at exit.
 	if n := strings.Count(logs.String(), `"msg":"export stopped"`); n != 4 {
 		t.Errorf("%d \"export stopped\" lines, want 4:\n%s", n, logs.String())
@@ -194,4 +186,18 @@ func startServe(t *testing.T, bin string, args ...string) (*exec.Cmd, *syncBuffe
 	go func() { done <- cmd.Wait() }()
 	t.Cleanup(func() { cmd.Process.Kill() })
 	return cmd, logs, done
+}
+
+// stopServe sends SIGTERM to a vublk started by startServe and waits for a clean exit.
+func stopServe(t *testing.T, cmd *exec.Cmd, logs *syncBuffer, done chan error) {
+	t.Helper()
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("exit: %v\n%s", err, logs.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("no exit after SIGTERM")
+	}
 }
