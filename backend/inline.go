@@ -11,6 +11,10 @@ import (
 // tmpfs speed, where handing a request to a lane costs more than doing it.
 const DefaultInlineLimit = 30 * time.Microsecond
 
+// inlineSampleEvery: a lane times one read or write in this many for the
+// inline gate (a request run inline is always timed).
+const inlineSampleEvery = 8
+
 // inlineGate decides whether SubmitIdle may run a request inline. It keeps a
 // moving average of how long the store took for reads and writes, on the
 // lanes and inline alike.
@@ -64,7 +68,9 @@ func (e *Engine) SubmitIdle(r *Request) (inline bool) {
 	}
 	e.barrier.Enter()
 	e.Stats.Inline.Add(1)
+	t0 := monotime()
 	r.Err = e.executeInline(r)
+	e.inline.observe(monotime() - t0)
 	e.finish(r)
 	return true
 }
