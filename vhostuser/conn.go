@@ -46,6 +46,8 @@ type conn struct {
 	backend  backendChannel  // SET_BACKEND_REQ_FD: for config change notifications
 	inflight *inflightBuffer // SET_INFLIGHT_FD: where the rings track popped chains
 	replyFds []int           // descriptors that go with the next reply (GET_INFLIGHT_FD)
+	// untrackedLogged: a ring larger than the inflight buffer was logged.
+	untrackedLogged bool
 }
 
 func newConn(sock *net.UnixConn, dev Device, numQueues int, log *logrus.Entry) *conn {

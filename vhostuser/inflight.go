@@ -223,37 +223,37 @@ func (q *inflightQueue) Published(head, usedIdx uint16) {
 func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (lastAvail uint16, resubmit []uint16, fresh bool, err error) {
 	version := q.u16(inflightOffVersion)
 	switch {
-	case ringSize > queueSize:
-		return 0, nil, false, fmt.Errorf("%w: ring of %d entries, inflight buffer for %d", ErrProtocol, ringSize, queueSize)
 	case version == 0:
-		clear(q.b)
-		q.setU16(inflightOffDescNum, uint16(queueSize))
-		q.setU16(inflightOffUsedIdx, usedIdx)
-		q.setU16(inflightOffVersion, inflightVersion)
+		q.init(queueSize, usedIdx)
 		return 0, nil, true, nil
 	case version != inflightVersion:
 		return 0, nil, false, fmt.Errorf("%w: inflight region version %d", ErrProtocol, version)
 	case int(q.u16(inflightOffDescNum)) != queueSize:
 		return 0, nil, false, fmt.Errorf("%w: inflight region for %d descriptors, want %d", ErrProtocol, q.u16(inflightOffDescNum), queueSize)
+	case !q.anyInflight(queueSize):
+		// Nothing to resubmit: whatever the header says (a ring of
+		// another size ran before, the device was reset), the ring
+		// starts where the front-end said, on an empty region.
+		q.init(queueSize, usedIdx)
+		return 0, nil, true, nil
 	}
 	// A batch was published (the used index moved) but its descriptors
 	// were not cleared: clear them now, following the batch list. A
 	// difference larger than a ring is no batch: the region does not
-	// belong to this ring state, which is harmless only if nothing in it
-	// is in flight.
+	// belong to this ring state, and what it says is in flight cannot be
+	// trusted.
 	if batch := usedIdx - q.u16(inflightOffUsedIdx); batch != 0 {
-		if int(batch) <= ringSize {
-			head := q.u16(inflightOffLastBatch)
-			for range batch {
-				if int(head) >= ringSize {
-					return 0, nil, false, fmt.Errorf("%w: inflight batch list reaches descriptor %d of %d", ErrProtocol, head, ringSize)
-				}
-				d := q.desc(head)
-				d[descOffInflight] = 0
-				head = binary.LittleEndian.Uint16(d[descOffNext:])
-			}
-		} else if q.anyInflight(queueSize) {
+		if int(batch) > ringSize {
 			return 0, nil, false, fmt.Errorf("%w: used index %d, inflight region says %d", ErrProtocol, usedIdx, q.u16(inflightOffUsedIdx))
+		}
+		head := q.u16(inflightOffLastBatch)
+		for range batch {
+			if int(head) >= ringSize {
+				return 0, nil, false, fmt.Errorf("%w: inflight batch list reaches descriptor %d of %d", ErrProtocol, head, ringSize)
+			}
+			d := q.desc(head)
+			d[descOffInflight] = 0
+			head = binary.LittleEndian.Uint16(d[descOffNext:])
 		}
 		q.setU16(inflightOffUsedIdx, usedIdx)
 	}
@@ -293,6 +293,14 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 	// Every chain popped was either published (usedIdx counts it) or is
 	// in flight: popping continues after both.
 	return usedIdx + uint16(len(found)), resubmit, false, nil
+}
+
+// init makes the region an empty one for queues of queueSize entries.
+func (q *inflightQueue) init(queueSize int, usedIdx uint16) {
+	clear(q.b)
+	q.setU16(inflightOffDescNum, uint16(queueSize))
+	q.setU16(inflightOffUsedIdx, usedIdx)
+	q.setU16(inflightOffVersion, inflightVersion)
 }
 
 func (q *inflightQueue) anyInflight(queueSize int) bool {
@@ -370,6 +378,21 @@ func (c *conn) resumeInflight(v *vring, ring *virtio.SplitQueue) (bool, error) {
 	}
 	if v.index >= len(c.inflight.queues) {
 		return false, fmt.Errorf("%w: queue %d has no inflight region (%d)", ErrProtocol, v.index, len(c.inflight.queues))
+	}
+	if v.num > c.inflight.queueSize {
+		// The spec lets the ring be larger than the queue size the
+		// front-end asked the buffer for: QEMU 10 gives 128 in
+		// GET_INFLIGHT_FD and then runs the firmware's ring with 256
+		// entries. Heads beyond the region cannot be recorded, so this
+		// ring runs untracked (a back-end killed meanwhile loses what
+		// was in flight, as without inflight tracking) and the region is
+		// left as it is for the rings that fit.
+		if !c.untrackedLogged {
+			c.untrackedLogged = true
+			c.log.WithFields(logrus.Fields{"queue": v.index, "size": v.num, "inflight_queue_size": c.inflight.queueSize}).
+				Info("ring larger than the inflight buffer: serving it without inflight tracking")
+		}
+		return false, nil
 	}
 	q := &inflightQueue{b: c.inflight.queues[v.index]}
 	lastAvail, resubmit, fresh, err := q.resume(v.num, c.inflight.queueSize, ring.UsedIdx())

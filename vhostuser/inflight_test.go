@@ -608,3 +608,52 @@ func waitIdle(t *testing.T, e *export) {
 		t.Fatalf("the server does not answer after the last connection: %v", err)
 	}
 }
+
+// TestRingLargerThanInflightBuffer: QEMU 10 asks GET_INFLIGHT_FD for its
+// queue-size (128) and then runs the firmware's rings with 256 entries. The
+// spec does not forbid it, so the rings are served, untracked; a later ring
+// that fits the buffer is tracked again.
+func TestRingLargerThanInflightBuffer(t *testing.T) {
+	fs, err := backend.OpenFile(filepath.Join(t.TempDir(), "disk.img"), backend.FileOptions{CreateSize: diskSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Writes wait at the gate until all are in flight, so that the ring's
+	// heads go beyond the 128 entries the buffer has room for.
+	gate := make(chan struct{})
+	store := backend.NewFaultStore(fs, backend.InjectorFunc(func(backend.Operation) error { <-gate; return nil }))
+	e := newExport(t, exportOptions{writeback: true, store: store})
+	d := connect(t, e, frontend.Options{NumQueues: 2, QueueSize: 256, InflightQueueSize: 128, EventIdx: true, Inflight: true})
+	io := func(step string, first uint64) {
+		t.Helper()
+		var ps []*frontend.Pending
+		for i := range 160 {
+			p, err := d.Queue(i % 2).Submit(frontend.WriteRequest(first+uint64(i*8), pattern(first+uint64(i), 4096)))
+			if err != nil {
+				t.Fatalf("%s: %v", step, err)
+			}
+			ps = append(ps, p)
+		}
+		close(gate)
+		for i, p := range ps {
+			if res := wait(t, p); res.Err != nil || res.Status != virtio.BlkSOK {
+				t.Fatalf("%s: write %d: %v status %d", step, i, res.Err, res.Status)
+			}
+		}
+		for i := range 160 {
+			got, err := d.Queue(i%2).Read(first+uint64(i*8), 4096)
+			if err != nil || !bytes.Equal(got, pattern(first+uint64(i), 4096)) {
+				t.Fatalf("%s: read back %d: %v", step, i, err)
+			}
+		}
+	}
+	io("rings of 256 entries, inflight buffer for 128", 0)
+	for q := range 2 {
+		if n := d.InflightPending(q); n != 0 {
+			t.Fatalf("queue %d: %d descriptors marked in flight in a buffer the ring does not fit", q, n)
+		}
+	}
+	if _, err := d.Conn().GetFeatures(); err != nil {
+		t.Fatalf("the connection broke: %v", err)
+	}
+}

@@ -47,6 +47,10 @@ type Options struct {
 	// and shares an inflight buffer with the back-end, as QEMU does, so
 	// that Reconnect can resume after the back-end died (inflight.go).
 	Inflight bool
+	// InflightQueueSize is the queue size asked for in GET_INFLIGHT_FD
+	// (default QueueSize). QEMU 10 asks for its queue-size and then runs
+	// the firmware's rings with more entries than that.
+	InflightQueueSize int
 }
 
 // blkFeatures are the device features this front-end understands.
@@ -154,7 +158,7 @@ func (d *Device) setup(opt Options) error {
 		return err
 	}
 	if d.protocol&(1<<vhostuser.ProtocolFInflightShmfd) != 0 {
-		if err := d.setupInflight(opt.NumQueues, opt.QueueSize); err != nil {
+		if err := d.setupInflight(opt.NumQueues, cmp.Or(opt.InflightQueueSize, opt.QueueSize)); err != nil {
 			return err
 		}
 	}
