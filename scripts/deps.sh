@@ -3,13 +3,17 @@
 #   - Debian packages: QEMU (the real frontend), qemu-storage-daemon (reference backend),
 #     busybox-static, fio, e2fsprogs and the tools to build an initramfs;
 #   - the Debian 6.1 guest kernel, downloaded with apt-get download and unpacked into .cache/kernel;
+#   - a Debian 13 (trixie) root with QEMU 10.0, qemu-storage-daemon 10.0 and libblkio 1.5, made once
+#     per machine with debootstrap at $VUBLK_TRIXIE_ROOT (default /var/lib/vublk/trixie), from the
+#     mirror of the host's apt sources; the host's apt sources are not changed. scripts/trixie-run
+#     runs its programs;
 #   - the Go modules of go.mod.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(
   qemu-system-x86 qemu-system-common qemu-utils
-  busybox-static fio e2fsprogs util-linux cpio kmod zstd xz-utils
+  busybox-static fio e2fsprogs util-linux cpio kmod zstd xz-utils debootstrap
   libvirt-clients libxml2-utils
 )
 
@@ -54,6 +58,30 @@ if ! ls "$kdir"/root/boot/vmlinuz-* "$kdir"/root/lib/modules/*/modules.dep >/dev
   rm -rf "$kdir/deb"
 fi
 echo "deps: guest kernel $(basename "$(ls "$kdir"/root/boot/vmlinuz-* | head -n 1)")"
+
+# The Debian 13 root: QEMU 10.0 for the front-end matrix, libblkio 1.5 as a second front-end.
+trixie=${VUBLK_TRIXIE_ROOT:-/var/lib/vublk/trixie}
+trixie_pkgs=qemu-system-x86,qemu-system-common,qemu-utils,qemu-block-extra,fio
+if [ ! -x "$trixie/usr/bin/qemu-system-x86_64" ] || [ ! -e "$trixie/.vublk-complete" ]; then
+  mirror=$(sed -n 's|^URIs:[[:space:]]*\([^[:space:]]*/debian\)/*$|\1|p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1)
+  [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 ~ /\/debian\/?$/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+  if [ -z "$mirror" ]; then
+    echo "deps: no Debian mirror found in the host's apt sources" >&2
+    exit 1
+  fi
+  echo "deps: building the Debian 13 root at $trixie from $mirror (once per machine, about a minute)"
+  rm -rf "$trixie.tmp"
+  mkdir -p "$(dirname "$trixie")"
+  if ! debootstrap --variant=minbase --include="$trixie_pkgs" trixie "$trixie.tmp" "$mirror" > "$trixie.log" 2>&1; then
+    tail -n 20 "$trixie.log" >&2
+    echo "deps: debootstrap trixie failed (log: $trixie.log)" >&2
+    exit 1
+  fi
+  rm -rf "$trixie"
+  mv "$trixie.tmp" "$trixie"
+  touch "$trixie/.vublk-complete"
+fi
+echo "deps: $(scripts/trixie-run qemu-system-x86_64 --version | head -n 1) in $trixie"
 
 export PATH="/usr/local/go/bin:$PATH"
 go mod download
