@@ -231,11 +231,13 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 	case int(q.u16(inflightOffDescNum)) != queueSize:
 		return 0, nil, false, fmt.Errorf("%w: inflight region for %d descriptors, want %d", ErrRejected, q.u16(inflightOffDescNum), queueSize)
 	case !q.anyInflight(queueSize):
-		// Nothing to resubmit: whatever the header says (a ring of
-		// another size ran before, the device was reset), the ring
-		// starts where the front-end said, on an empty region.
+		// Nothing to resubmit: whatever else the header says (a stale
+		// batch list), the region starts empty. Popping still continues
+		// after the used index, not at the front-end's base: a front-end
+		// that lost its back-end gives the base it last knew, which may
+		// be older than what was completed since (QEMU does).
 		q.init(queueSize, usedIdx)
-		return 0, nil, true, nil
+		return usedIdx, nil, false, nil
 	}
 	// A batch was published (the used index moved) but its descriptors
 	// were not cleared: clear them now, following the batch list. A
