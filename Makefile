@@ -13,7 +13,7 @@ SIZE ?= 1G
 FUZZTIME ?= 60s
 FUZZ_PKGS := ./virtio ./vhostuser
 
-.PHONY: all build deps run test check unit crash e2e fuzz install clean bench bench-guest
+.PHONY: all build deps run test check unit crash e2e hostile fuzz install clean bench bench-guest
 
 all: build
 
@@ -57,6 +57,11 @@ unit:
 # that syncs before draining is caught).
 crash:
 	$(GO) test -race -count=1 -timeout 10m -v ./tests/crash/ | grep -E '^(=== RUN|---|\s+---|ok|FAIL|PASS)|checked|caught|lost'; exit $${PIPESTATUS[0]}
+
+# The hostile front-end and guest suite alone (make unit runs it too): attacks on the vublk binary
+# through its socket, with the bounds they must stay within.
+hostile:
+	$(GO) test -count=1 -v -timeout 10m ./tests/hostile/ | grep -E '^(=== RUN|---|\s+---|\s+hostile_test|ok|FAIL|PASS)'; exit $${PIPESTATUS[0]}
 
 # End-to-end tests against real QEMU with a Linux guest (needs make deps), on every QEMU of the
 # matrix (the host's 7.2 and the Debian 13 root's 10.0; VUBLK_E2E_QEMU=7.2 keeps one). One line
