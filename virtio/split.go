@@ -242,7 +242,7 @@ func (q *SplitQueue) ReadChainLimited(head uint16, c *DescChain, lim ChainLimits
 			switch {
 			case indirect:
 				return fmt.Errorf("%w: indirect descriptor inside an indirect table", ErrBadChain)
-			case len(c.Segs) > 0 || flags&DescFNext != 0:
+			case c.Walked > 1 || flags&DescFNext != 0: // not len(c.Segs): past a limit they are not kept
 				return fmt.Errorf("%w: indirect descriptor must be the whole chain", ErrBadChain)
 			case length == 0 || length%descSize != 0 || length/descSize > maxIndirect:
 				return fmt.Errorf("%w: indirect table length %d", ErrBadChain, length)
