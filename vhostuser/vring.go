@@ -46,19 +46,19 @@ func (n *eventNotifier) Notify() {
 }
 
 // set replaces the eventfd (fd < 0: none) and closes the old one. It makes
-// fd non-blocking, and fails (closing fd) if it cannot.
+// fd non-blocking, and fails (closing fd, keeping the old one) if it cannot.
 func (n *eventNotifier) set(fd int, name string) error {
 	var nf *notifierFile
 	if fd >= 0 {
 		if err := unix.SetNonblock(fd, true); err != nil {
 			unix.Close(fd)
-			return fmt.Errorf("%s descriptor: %w", name, err)
+			return fmt.Errorf("%w: %s descriptor: %w", ErrRejected, name, err)
 		}
 		f := os.NewFile(uintptr(fd), name)
 		rc, err := f.SyscallConn()
 		if err != nil {
 			f.Close()
-			return fmt.Errorf("%s descriptor: %w", name, err)
+			return fmt.Errorf("%w: %s descriptor: %w", ErrRejected, name, err)
 		}
 		nf = &notifierFile{f: f, rc: rc}
 	}
