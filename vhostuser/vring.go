@@ -50,12 +50,15 @@ func (n *eventNotifier) Notify() {
 func (n *eventNotifier) set(fd int, name string) error {
 	var nf *notifierFile
 	if fd >= 0 {
-		if err := unix.SetNonblock(fd, true); err != nil {
-			unix.Close(fd)
-			return fmt.Errorf("%w: %s descriptor: %w", ErrRejected, name, err)
-		}
+		// The File is made while fd is still blocking, so that it is not
+		// registered with Go's network poller: every signal would
+		// otherwise also wake the poller, for nothing (Notify never waits
+		// on it). Non-blocking after that, for Notify's raw write.
 		f := os.NewFile(uintptr(fd), name)
 		rc, err := f.SyscallConn()
+		if err == nil {
+			err = unix.SetNonblock(fd, true)
+		}
 		if err != nil {
 			f.Close()
 			return fmt.Errorf("%w: %s descriptor: %w", ErrRejected, name, err)
