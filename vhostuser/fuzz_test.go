@@ -3,6 +3,8 @@ package vhostuser
 import (
 	"encoding/binary"
 	"io"
+	"net"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -274,13 +276,25 @@ func runConn(t *testing.T, stream, mem []byte) (*backend.CrashStore, []byte) {
 		t.Fatal(err)
 	}
 	store := backend.NewCrashStore(fuzzDiskSize)
-	engine := backend.NewEngine(store, 2)
+	engine := backend.NewEngine(store, 1)
 	defer engine.Close()
 	entry := log.WithField("test", t.Name())
 	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{Capacity: fuzzDiskSize, NumQueues: 2, Writeback: true, Discard: true}, entry)
 
-	_, back := socketPair(t) // replies stay unread in its buffer
-	c := newConn(back, dev, 2, entry)
+	// Replies stay unread in the socket's buffer; only the handler's end
+	// is a net.UnixConn.
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(pair[0])
+	f := os.NewFile(uintptr(pair[1]), "fuzz-back")
+	fc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newConn(fc.(*net.UnixConn), dev, 2, entry)
 	served := make(chan struct{})
 	go func() {
 		defer close(served)
