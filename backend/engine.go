@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Op is what a Request asks of the store.
@@ -371,15 +373,7 @@ func (e *Engine) execute(r *Request) error {
 		e.Stats.Writes.Add(1)
 		var err error
 		if e.writeThrough.Load() {
-			err = e.durably(func() error {
-				if dw, ok := e.store.(DurableWriter); ok {
-					return dw.WriteAtDurable(r.Bufs, r.Offset)
-				}
-				if err := e.store.WriteAt(r.Bufs, r.Offset); err != nil {
-					return err
-				}
-				return e.store.Sync()
-			})
+			err = e.writeDurably(r)
 		} else {
 			err = e.store.WriteAt(r.Bufs, r.Offset)
 		}
@@ -409,25 +403,58 @@ func (e *Engine) execute(r *Request) error {
 
 // maybeDurably runs op, followed by a sync in write-through mode.
 func (e *Engine) maybeDurably(op func() error) error {
-	if !e.writeThrough.Load() {
-		return op()
+	if err := op(); err != nil || !e.writeThrough.Load() {
+		return err
 	}
-	return e.durably(func() error {
-		if err := op(); err != nil {
-			return err
-		}
-		return e.store.Sync()
-	})
+	return e.syncLatched()
 }
 
-// durably runs an operation that includes a data sync; a failure other than a
-// rejected request is latched in the barrier, as a failed fsync must be.
-func (e *Engine) durably(op func() error) error {
-	err := op()
-	if err != nil && !errors.Is(err, ErrOutOfRange) && !errors.Is(err, ErrReadOnly) {
+// writeDurably is a write-through write: the data, then its sync. Only a
+// failed sync is latched in the barrier, as a failed fsync must be (the
+// kernel may have dropped dirty pages of earlier writes too); a write that
+// failed before its data reached the file (no space, a fault on the guest's
+// buffer, a bad range) fails alone, and later flushes are not affected.
+func (e *Engine) writeDurably(r *Request) error {
+	dw, ok := e.store.(DurableWriter)
+	if !ok {
+		if err := e.store.WriteAt(r.Bufs, r.Offset); err != nil {
+			return err
+		}
+		return e.syncLatched()
+	}
+	// One call writes and syncs (pwritev2 with RWF_DSYNC): its error may
+	// come from either part. The errors that only the write part returns
+	// are not latched; any other is taken as a failed sync.
+	err := dw.WriteAtDurable(r.Bufs, r.Offset)
+	var syncErr *SyncError
+	if err != nil && (errors.As(err, &syncErr) || !writeOnlyError(err)) {
 		e.barrier.Latch(err)
 	}
 	return err
+}
+
+// syncLatched syncs the store; a failure is latched in the barrier.
+func (e *Engine) syncLatched() error {
+	err := e.store.Sync()
+	if err != nil {
+		e.barrier.Latch(err)
+	}
+	return err
+}
+
+// writeOnlyError reports whether err, from a write that also syncs, is one
+// the write returns before any data reaches the file, so not a failed
+// sync: a rejected request, a fault on its buffers, no space or quota left
+// for new blocks (a DurableWriter returns a sync that failed for space as a
+// *SyncError, see FileStore.WriteAtDurable).
+func writeOnlyError(err error) bool {
+	for _, e := range []error{ErrOutOfRange, ErrReadOnly, ErrMemoryFault, ErrMisaligned, ErrNotSupported, ErrShortIO,
+		unix.EFAULT, unix.EINVAL, unix.ENOSPC, unix.EDQUOT, unix.EFBIG, unix.EBADF} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 func writeZeroes(s Store, off, n int64) error {

@@ -7,6 +7,13 @@ package backend
 
 import "errors"
 
+// SyncError is returned by a DurableWriter when the write reached the file
+// and making it durable failed: the engine latches it as a failed sync.
+type SyncError struct{ Err error }
+
+func (e *SyncError) Error() string { return "sync after write: " + e.Err.Error() }
+func (e *SyncError) Unwrap() error { return e.Err }
+
 // Sentinel errors. Callers test them with errors.Is; the virtio layer maps
 // them to a status in one place (virtio.StatusFor).
 var (

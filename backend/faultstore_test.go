@@ -3,6 +3,7 @@ package backend
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -181,33 +182,41 @@ func TestEngineLatchesInjectedSyncFailure(t *testing.T) {
 	}
 }
 
-// TestEngineENOSPC: a write that fails with ENOSPC in write-back mode fails
-// alone (it dirtied nothing, so later flushes succeed); in write-through mode
-// it is latched like any failure of a write that includes a sync, because the
-// error may come from the data sync.
+// TestEngineENOSPC: a write that fails with ENOSPC fails alone, in
+// write-back and in write-through mode: it wrote nothing, so later flushes
+// succeed. Only a sync that failed (a *SyncError from a DurableWriter, even
+// one for ENOSPC) is latched.
 func TestEngineENOSPC(t *testing.T) {
-	for _, wt := range []bool{false, true} {
-		name := "writeback"
-		if wt {
-			name = "writethrough"
-		}
-		t.Run(name, func(t *testing.T) {
-			s := NewFaultStore(NewCrashStore(1<<20), FaultRule{Ops: Ops(FaultWrite, FaultWriteDurable), Err: unix.ENOSPC})
+	for _, tc := range []struct {
+		name      string
+		wt        bool
+		err       error
+		wantLatch bool
+	}{
+		{"writeback", false, unix.ENOSPC, false},
+		{"writethrough", true, unix.ENOSPC, false},
+		{"writethrough quota", true, unix.EDQUOT, false},
+		{"writethrough memory fault", true, fmt.Errorf("copy: %w", ErrMemoryFault), false},
+		{"writethrough sync out of space", true, &SyncError{unix.ENOSPC}, true},
+		{"writethrough EIO", true, unix.EIO, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := NewFaultStore(NewCrashStore(1<<20), FaultRule{Ops: Ops(FaultWrite, FaultWriteDurable), Err: tc.err})
 			e := NewEngine(s, 1)
 			defer e.Close()
-			e.SetWriteThrough(wt)
+			e.SetWriteThrough(tc.wt)
 			done := make(chanDone, 1)
 			e.Submit(&Request{Op: OpWrite, Bufs: [][]byte{make([]byte, 512)}, Done: done})
-			if err := (<-done).Err; !errors.Is(err, unix.ENOSPC) {
-				t.Fatalf("write: %v, want ENOSPC", err)
+			if err := (<-done).Err; !errors.Is(err, tc.err) {
+				t.Fatalf("write: %v, want %v", err, tc.err)
 			}
 			s.SetInjector(nil)
 			err := e.Flush()
-			if wt && !errors.Is(err, ErrSyncFailed) {
-				t.Fatalf("flush after a failed write-through write: %v, want the latched failure", err)
+			if tc.wantLatch && !errors.Is(err, ErrSyncFailed) {
+				t.Fatalf("flush after a failed sync: %v, want the latched failure", err)
 			}
-			if !wt && err != nil {
-				t.Fatalf("flush after a failed write-back write: %v", err)
+			if !tc.wantLatch && err != nil {
+				t.Fatalf("flush after a write that failed alone: %v", err)
 			}
 		})
 	}

@@ -214,9 +214,23 @@ func (s *FileStore) WriteAtDurable(bufs [][]byte, off int64) error {
 	if s.readOnly {
 		return ErrReadOnly
 	}
-	return s.transfer(bufs, off, true, func(iov [][]byte, off int64) (int, error) {
+	err := s.transfer(bufs, off, true, func(iov [][]byte, off int64) (int, error) {
 		return unix.Pwritev2(s.fd, iov, off, unix.RWF_DSYNC)
 	})
+	if errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.EDQUOT) {
+		// Ambiguous: the write found no space (nothing was written), or
+		// the data sync did (a thin device, NFS). Written and synced
+		// apart, the two are told apart, and a write that now fits is
+		// durable.
+		if err := s.WriteAt(bufs, off); err != nil {
+			return err
+		}
+		if err := s.Sync(); err != nil {
+			return &SyncError{err}
+		}
+		return nil
+	}
+	return err
 }
 
 // transfer checks a read or write (write says which op does) and runs op over

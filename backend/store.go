@@ -47,7 +47,11 @@ type ZeroWriter interface {
 
 // DurableWriter is implemented by stores that can write a range and make just
 // that range durable in one operation (pwritev2 with RWF_DSYNC). It serves
-// write-through mode; stores without it get WriteAt followed by Sync.
+// write-through mode; stores without it get WriteAt followed by Sync. An error
+// that may come from the sync part must be a *SyncError, or one that
+// writeOnlyError does not know: the engine latches those as failed syncs,
+// and lets the known write errors (no space, a fault on the buffers, a bad
+// range) fail the one request.
 type DurableWriter interface {
 	WriteAtDurable(bufs [][]byte, off int64) error
 }

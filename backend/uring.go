@@ -204,11 +204,6 @@ func (u *uring) submit(n uint32) error {
 	}
 }
 
-// cqReady reports whether a CQE is waiting.
-func (u *uring) cqReady() bool {
-	return atomic.LoadUint32(u.cqTail) != atomic.LoadUint32(u.cqHead)
-}
-
 // reap calls fn for every CQE now in the CQ, in order, releasing each slot
 // of the ring before calling fn (so fn may submit again). It returns how
 // many it reaped. The caller serialises reap.

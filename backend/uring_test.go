@@ -410,10 +410,6 @@ func TestURingFlushWaitsForWrite(t *testing.T) {
 	}
 }
 
-type completerFunc func(r *Request)
-
-func (f completerFunc) Complete(r *Request) { f(r) }
-
 // syncSnapshotStore is a FileStore whose Sync copies the file's contents
 // first, on the logical clock of the workload: what a crash right after the
 // sync would keep.

@@ -383,9 +383,9 @@ func (c *conn) setVringFile(m *Message) error {
 	}
 	switch m.Request {
 	case SetVringCall:
-		v.call.set(fd, "vring-call")
+		return v.call.set(fd, "vring-call")
 	case SetVringErr:
-		v.err.set(fd, "vring-err")
+		return v.err.set(fd, "vring-err")
 	case SetVringKick:
 		// The ring starts when it gets a kick descriptor (vhost-user.rst,
 		// "Starting and stopping rings").

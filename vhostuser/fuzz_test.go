@@ -3,6 +3,9 @@ package vhostuser
 import (
 	"encoding/binary"
 	"io"
+	"net"
+	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -127,7 +130,10 @@ func FuzzDecode(f *testing.F) {
 // guest physical address 0 and front-end address fuzzUserBase, holding
 // queue 0 (8 entries) with one write request made available.
 const (
-	fuzzMemSize  = 1 << 20
+	fuzzMemSize = 64 << 10
+	// fuzzDiskSize is the disk the fuzzed connections serve: small, so that
+	// creating and syncing its in-memory store costs little per input.
+	fuzzDiskSize = 128 << 10 // a read of seg_max sectors fits
 	fuzzUserBase = 0x7f0000000000
 	fuzzAvail    = 0x80
 	fuzzUsed     = 0x100
@@ -248,6 +254,13 @@ func fdsFor(t *testing.T, msg []byte, memfd int) []int {
 // with the descriptors its type carries, over a virtio-blk device on guest
 // memory whose first bytes are mem. It returns the device's store and the
 // first 64 KiB of guest memory once the handler has finished.
+//
+// The messages go straight to the handler, as the connection's goroutine
+// hands them over after ReadMessage (whose framing over a socket
+// FuzzDecode covers), and replies go to a socket nobody reads: no socket
+// round trip per message, so that FuzzConn runs thousands of inputs a
+// second. A message whose header or payload is cut short ends the stream,
+// as it ends the connection.
 func runConn(t *testing.T, stream, mem []byte) (*backend.CrashStore, []byte) {
 	log := logrus.New()
 	log.SetOutput(io.Discard)
@@ -262,34 +275,41 @@ func runConn(t *testing.T, stream, mem []byte) (*backend.CrashStore, []byte) {
 	if _, err := unix.Pwrite(memfd, mem, 0); err != nil {
 		t.Fatal(err)
 	}
-	store := backend.NewCrashStore(1 << 20)
-	engine := backend.NewEngine(store, 2)
+	store := backend.NewCrashStore(fuzzDiskSize)
+	engine := backend.NewEngine(store, 1)
 	defer engine.Close()
 	entry := log.WithField("test", t.Name())
-	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{Capacity: 1 << 20, NumQueues: 2, Writeback: true, Discard: true}, entry)
+	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{Capacity: fuzzDiskSize, NumQueues: 2, Writeback: true, Discard: true}, entry)
 
-	front, back := socketPair(t)
+	// Replies stay unread in the socket's buffer; only the handler's end
+	// is a net.UnixConn.
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(pair[0])
+	f := os.NewFile(uintptr(pair[1]), "fuzz-back")
+	fc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := newConn(fc.(*net.UnixConn), dev, 2, entry)
 	served := make(chan struct{})
 	go func() {
-		newConn(back, dev, 2, entry).serve()
-		close(served)
+		defer close(served)
+		defer c.cleanup()
+		for _, raw := range splitMessages(stream) {
+			req, flags, size, err := DecodeHeader(raw)
+			if err != nil || int(size) != len(raw)-headerSize {
+				return // cut short, or a header ReadMessage refuses
+			}
+			m := &Message{Request: req, Flags: flags, Payload: slices.Clone(raw[headerSize:]), Fds: fdsFor(t, raw, memfd)}
+			if err := c.handle(m); err != nil {
+				return
+			}
+		}
 	}()
-	go io.Copy(io.Discard, front) // replies; ends when the handler closes its end
-	for _, msg := range splitMessages(stream) {
-		fds := fdsFor(t, msg, memfd)
-		var oob []byte
-		if len(fds) > 0 {
-			oob = unix.UnixRights(fds...)
-		}
-		_, _, err := front.WriteMsgUnix(msg, oob, nil)
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-		if err != nil {
-			break // the handler closed the connection
-		}
-	}
-	front.CloseWrite()
 	select {
 	case <-served:
 	case <-time.After(leakGuard):
@@ -321,10 +341,55 @@ func FuzzConn(f *testing.F) {
 	boot := fuzzBoot()
 	f.Add(boot, fuzzRing())
 	f.Add(boot[:len(boot)/2], fuzzRing())
+	f.Add(boot, fuzzRingIndirect(blkSegMaxForFuzz+3))
 	f.Fuzz(func(t *testing.T, stream, mem []byte) {
 		if len(stream) > 16<<10 || len(mem) > 64<<10 {
 			return
 		}
 		runConn(t, stream, mem)
 	})
+}
+
+// blkSegMaxForFuzz is the seg_max the device advertises (virtio's blkSegMax).
+const blkSegMaxForFuzz = 254
+
+// fuzzRingIndirect is guest memory whose queue 0 holds one read as an
+// indirect table of n descriptors (header at 0x1000, n-2 segments of 512
+// bytes all at 0x2000, status at 0x3000, the table at 0x4000): beyond
+// seg_max when n > seg_max+2, the attack's shape.
+func fuzzRingIndirect(n int) []byte {
+	mem := make([]byte, 0x4000+16*n)
+	put := func(b []byte, addr uint64, length uint32, flags, next uint16) {
+		binary.LittleEndian.PutUint64(b, addr)
+		binary.LittleEndian.PutUint32(b[8:], length)
+		binary.LittleEndian.PutUint16(b[12:], flags)
+		binary.LittleEndian.PutUint16(b[14:], next)
+	}
+	put(mem[0:], 0x4000, uint32(16*n), virtio.DescFIndirect, 0)
+	for i := range n {
+		addr, length, flags := uint64(0x2000), uint32(512), uint16(virtio.DescFWrite|virtio.DescFNext)
+		switch i {
+		case 0:
+			addr, length, flags = 0x1000, 16, virtio.DescFNext
+		case n - 1:
+			addr, length, flags = 0x3000, 1, virtio.DescFWrite
+		}
+		put(mem[0x4000+16*i:], addr, length, flags, uint16(i+1))
+	}
+	binary.LittleEndian.PutUint16(mem[fuzzAvail+2:], 1) // avail idx; ring[0] = head 0
+	binary.LittleEndian.PutUint32(mem[0x1000:], virtio.BlkTIn)
+	return mem
+}
+
+// TestConnIndirectBeyondSegMax checks the third FuzzConn seed: the read
+// beyond seg_max is answered IOERR, the ring goes on.
+func TestConnIndirectBeyondSegMax(t *testing.T) {
+	_, mem := runConn(t, fuzzBoot(), fuzzRingIndirect(blkSegMaxForFuzz+3))
+	if used := binary.LittleEndian.Uint16(mem[fuzzUsed+2:]); used != 1 || mem[0x3000] != virtio.BlkSIOErr {
+		t.Fatalf("used index %d, status %d, want 1 and IOERR", used, mem[0x3000])
+	}
+	_, mem = runConn(t, fuzzBoot(), fuzzRingIndirect(blkSegMaxForFuzz+2))
+	if used := binary.LittleEndian.Uint16(mem[fuzzUsed+2:]); used != 1 || mem[0x3000] != virtio.BlkSOK {
+		t.Fatalf("at seg_max: used index %d, status %d, want 1 and OK", used, mem[0x3000])
+	}
 }

@@ -17,6 +17,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"runtime/debug"
 	"slices"
 
 	"github.com/sirupsen/logrus"
@@ -125,7 +126,11 @@ type inflightBuffer struct {
 // mapInflightBuffer maps the buffer the front-end handed over. It always
 // closes fd. The buffer must lie inside its file (a mapping beyond it would
 // raise SIGBUS on access) and hold a region of the size we use for every
-// queue.
+// queue, and the file must be sealed against shrinking (F_SEAL_SHRINK): the
+// region is read on the connection's goroutine when a ring starts, where a
+// fault is not caught, so a front-end must not be able to truncate it after
+// the size check. Buffers from GET_INFLIGHT_FD are sealed, ours as
+// libvhost-user's; QEMU hands them back as they are.
 func mapInflightBuffer(im InflightMsg, fd int, maxQueues int) (*inflightBuffer, error) {
 	defer unix.Close(fd)
 	if err := im.checkShape(maxQueues); err != nil {
@@ -139,6 +144,12 @@ func mapInflightBuffer(im InflightMsg, fd int, maxQueues int) (*inflightBuffer, 
 		return nil, fmt.Errorf("%w: inflight buffer of %d bytes for %d queues of %d entries, want %d", ErrRejected, im.MmapSize, im.NumQueues, im.QueueSize, need)
 	case end < im.MmapOffset || end > math.MaxInt:
 		return nil, fmt.Errorf("%w: inflight buffer offset %#x size %#x overflows", ErrRejected, im.MmapOffset, im.MmapSize)
+	}
+	// Seals first, size after: a size read before the seal could be
+	// shrunk before the seal was added.
+	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	if err != nil || seals&unix.F_SEAL_SHRINK == 0 {
+		return nil, fmt.Errorf("%w: inflight fd is not sealed against shrinking (F_SEAL_SHRINK; seals %#x, %v)", ErrRejected, seals, err)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
@@ -297,6 +308,25 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 	return usedIdx + uint16(len(found)), resubmit, false, nil
 }
 
+// resumeCatching is resume with a fault on the region caught and returned as
+// a protocol error (the connection is closed), not a crash of the daemon.
+// The region is sealed against shrinking (mapInflightBuffer), so a fault is
+// not expected: this is the second line of defence, as on the data path.
+func (q *inflightQueue) resumeCatching(ringSize int, queueSize int, usedIdx uint16) (lastAvail uint16, resubmit []uint16, fresh bool, err error) {
+	old := debug.SetPanicOnFault(true)
+	defer func() {
+		debug.SetPanicOnFault(old)
+		if p := recover(); p != nil {
+			if _, fault := p.(interface{ Addr() uintptr }); !fault {
+				panic(p)
+			}
+			lastAvail, resubmit, fresh = 0, nil, false
+			err = fmt.Errorf("%w: fault reading the inflight buffer: %v", ErrProtocol, p)
+		}
+	}()
+	return q.resume(ringSize, queueSize, usedIdx)
+}
+
 // init makes the region an empty one for queues of queueSize entries.
 func (q *inflightQueue) init(queueSize int, usedIdx uint16) {
 	clear(q.b)
@@ -406,7 +436,7 @@ func (c *conn) resumeInflight(v *vring, ring *virtio.SplitQueue) (bool, error) {
 		return false, nil
 	}
 	q := &inflightQueue{b: c.inflight.queues[v.index]}
-	lastAvail, resubmit, fresh, err := q.resume(v.num, c.inflight.queueSize, ring.UsedIdx())
+	lastAvail, resubmit, fresh, err := q.resumeCatching(v.num, c.inflight.queueSize, ring.UsedIdx())
 	if err != nil {
 		return false, err
 	}

@@ -2,8 +2,11 @@ package vhostuser
 
 import (
 	"encoding/binary"
+	"errors"
 	"slices"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func newInflightQueue(queueSize int) *inflightQueue {
@@ -174,4 +177,35 @@ func FuzzInflightResume(f *testing.F) {
 			seen[h] = true
 		}
 	})
+}
+
+// TestInflightResumeFault: a region whose file was truncated under its
+// mapping (a buffer that got past the seal check) makes resume fault; the
+// fault is caught on the connection's goroutine and is a protocol error,
+// not the end of the daemon.
+func TestInflightResumeFault(t *testing.T) {
+	const qs = 16
+	size := InflightQueueRegionSize(qs)
+	fd, err := unix.MemfdCreate("inflight-fault", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		t.Fatal(err)
+	}
+	m, err := unix.Mmap(fd, 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	q := &inflightQueue{b: m}
+	q.init(qs, 0)
+	q.Popped(3)
+	if err := unix.Ftruncate(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := q.resumeCatching(qs, qs, 0); !errors.Is(err, ErrProtocol) {
+		t.Fatalf("resume on a truncated region: %v, want ErrProtocol", err)
+	}
 }

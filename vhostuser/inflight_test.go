@@ -483,17 +483,25 @@ func TestInflightMessages(t *testing.T) {
 		binary.LittleEndian.PutUint16(p[18:], qsize)
 		return p
 	}
-	memfd := func(size int64) int {
-		fd, err := unix.MemfdCreate("test-inflight", unix.MFD_CLOEXEC)
+	// memfdSealed is a buffer as GET_INFLIGHT_FD makes them, sealed
+	// against shrinking if sealed.
+	memfdSealed := func(size int64, sealed bool) int {
+		fd, err := unix.MemfdCreate("test-inflight", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if err := unix.Ftruncate(fd, size); err != nil {
 			t.Fatal(err)
 		}
+		if sealed {
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK); err != nil {
+				t.Fatal(err)
+			}
+		}
 		t.Cleanup(func() { unix.Close(fd) })
 		return fd
 	}
+	memfd := func(size int64) int { return memfdSealed(size, true) }
 	negotiate := func(c *frontend.Conn, inflight bool) {
 		pf := uint64(1 << vhostuser.ProtocolFReplyAck)
 		if inflight {
@@ -569,6 +577,9 @@ func TestInflightMessages(t *testing.T) {
 		{"set beyond its file", true, vhostuser.SetInflightFd, inflightPayload(per, 4096, 1, 128), func() []int { return []int{memfd(int64(per))} }, nack},
 		{"set too small", true, vhostuser.SetInflightFd, inflightPayload(per-64, 0, 1, 128), func() []int { return []int{memfd(int64(per))} }, nack},
 		{"set overflowing", true, vhostuser.SetInflightFd, inflightPayload(per, ^uint64(0)-100, 1, 128), func() []int { return []int{memfd(int64(per))} }, nack},
+		// A front-end could truncate an unsealed buffer once it is checked,
+		// and the back-end would die of SIGBUS reading it: refused.
+		{"set unsealed", true, vhostuser.SetInflightFd, inflightPayload(per, 0, 1, 128), func() []int { return []int{memfdSealed(int64(per), false)} }, nack},
 		{"set on a pipe", true, vhostuser.SetInflightFd, inflightPayload(per, 0, 1, 128), func() []int {
 			var p [2]int
 			unix.Pipe2(p[:], unix.O_CLOEXEC)

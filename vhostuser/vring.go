@@ -16,28 +16,59 @@ import (
 // eventNotifier writes to an eventfd owned as an *os.File, so that a write
 // racing with a replacement (SET_VRING_CALL while completions run) fails
 // cleanly instead of hitting a reused descriptor number.
+//
+// The eventfd is made non-blocking: the front-end owns it and may leave its
+// counter at the maximum, where a blocking write would wait forever, and
+// with it the lane, the io_uring reaper or the ring that completes a request
+// (and then GET_VRING_BASE, the next connection and shutdown). EAGAIN means
+// the counter is not zero: the front-end is signalled already.
 type eventNotifier struct {
-	f atomic.Pointer[os.File]
+	f atomic.Pointer[notifierFile]
+}
+
+type notifierFile struct {
+	f  *os.File
+	rc syscall.RawConn
 }
 
 var eventOne = []byte{1, 0, 0, 0, 0, 0, 0, 0}
 
-// Notify signals the eventfd, if one is set.
+// Notify signals the eventfd, if one is set. It never blocks.
 func (n *eventNotifier) Notify() {
-	if f := n.f.Load(); f != nil {
-		f.Write(eventOne)
+	if nf := n.f.Load(); nf != nil {
+		// Control holds the descriptor open during the write; the write
+		// itself is a plain non-blocking write(2), never a wait in the
+		// poller.
+		nf.rc.Control(func(fd uintptr) {
+			unix.Write(int(fd), eventOne) // EAGAIN: already signalled
+		})
 	}
 }
 
-// set replaces the eventfd (fd < 0: none) and closes the old one.
-func (n *eventNotifier) set(fd int, name string) {
-	var nf *os.File
+// set replaces the eventfd (fd < 0: none) and closes the old one. It makes
+// fd non-blocking, and fails (closing fd, keeping the old one) if it cannot.
+func (n *eventNotifier) set(fd int, name string) error {
+	var nf *notifierFile
 	if fd >= 0 {
-		nf = os.NewFile(uintptr(fd), name)
+		// The File is made while fd is still blocking, so that it is not
+		// registered with Go's network poller: every signal would
+		// otherwise also wake the poller, for nothing (Notify never waits
+		// on it). Non-blocking after that, for Notify's raw write.
+		f := os.NewFile(uintptr(fd), name)
+		rc, err := f.SyscallConn()
+		if err == nil {
+			err = unix.SetNonblock(fd, true)
+		}
+		if err != nil {
+			f.Close()
+			return fmt.Errorf("%w: %s descriptor: %w", ErrRejected, name, err)
+		}
+		nf = &notifierFile{f: f, rc: rc}
 	}
 	if old := n.f.Swap(nf); old != nil {
-		old.Close()
+		old.f.Close()
 	}
+	return nil
 }
 
 // vring is the back-end state of one virtqueue across its life: what the

@@ -77,6 +77,13 @@ type BlkRequest struct {
 	Status []byte
 }
 
+// maxRequestSlices bounds the slices of guest memory one request may be made
+// of: twice the advertised segments, so that a legitimate request can cross
+// region boundaries, while a front-end that cuts its memory into many small
+// regions cannot make one request cost more memory (each slice is a 24-byte
+// header kept while the request is in flight, and again in the pool).
+const maxRequestSlices = 2 * (blkSegMax + 2)
+
 // ParseBlkRequest turns the segments of a descriptor chain into a request.
 // The header may be split across descriptors or share one with data, and
 // the status byte may share one with IN data (virtio 1.2 2.6.4: no framing
@@ -93,6 +100,9 @@ func ParseBlkRequest(mem *GuestMemory, segs []Segment, r *BlkRequest) error {
 		} else {
 			out, err = mem.AppendSlices(out, s.Addr, uint64(s.Len))
 			r.OutLen += uint64(s.Len)
+		}
+		if err == nil && len(out)+len(in) > maxRequestSlices {
+			err = fmt.Errorf("more than %d slices of guest memory", maxRequestSlices)
 		}
 		if err != nil {
 			r.Out, r.In = out[:0], in[:0]

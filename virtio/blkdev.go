@@ -179,14 +179,40 @@ func cacheMode(writeback bool) string {
 	return "writethrough"
 }
 
-// ProcessQueue pops and starts every available request of q. It returns nil
-// when the ring is empty and notifications are re-enabled, or an error when
-// the ring is broken and must not be touched again.
+// A queue's turn (one call of ProcessQueue) ends after turnRequests requests
+// or turnDescs descriptors walked, whichever comes first, as Linux vhost's
+// vhost_exceeds_weight does: a guest that keeps its ring full cannot hold
+// the queue's goroutine, and with it GET_VRING_BASE, SIGTERM or a reload,
+// for longer than one turn. Descriptors are the parsing work, which a guest
+// can make large per request (up to a 32768-entry indirect table per chain).
+const (
+	turnRequests = 256
+	turnDescs    = 1 << 16
+)
+
+// chainLimits are what the device advertises in its config space: a
+// request has at most blkSegMax data segments plus the header and the
+// status descriptors, and no descriptor is longer than blkSizeMax. The
+// limits hold whether or not the driver acknowledged VIRTIO_BLK_F_SEG_MAX
+// and VIRTIO_BLK_F_SIZE_MAX: they bound the memory one request costs.
+var chainLimits = ChainLimits{MaxSegs: blkSegMax + 2, MaxSegLen: blkSizeMax}
+
+// ProcessQueue pops and starts the available requests of q, for one turn.
+// It returns nil when the ring is empty and notifications are re-enabled,
+// or when the turn's budget is spent with requests still available: then
+// notifications stay off, q.Pending() is true, and the caller must call
+// again soon (after looking at its stop requests), since no kick may come
+// for those requests. An error means the ring is broken and must not be
+// touched again.
 func (d *BlkDevice) ProcessQueue(q *Queue) (err error) {
 	defer catchFault(debug.SetPanicOnFault(true), &err)
+	requests, descs := 0, 0
 	for {
 		q.Ring.DisableNotify()
 		for {
+			if requests >= turnRequests || descs >= turnDescs {
+				return nil // the turn is over; Pending stays true
+			}
 			head, ok, err := q.Ring.Next()
 			if err != nil {
 				return err
@@ -194,7 +220,10 @@ func (d *BlkDevice) ProcessQueue(q *Queue) (err error) {
 			if !ok {
 				break
 			}
-			if err := d.start(q, head); err != nil {
+			requests++
+			walked, err := d.start(q, head)
+			descs += walked
+			if err != nil {
 				return err
 			}
 		}
@@ -216,21 +245,60 @@ type blkReq struct {
 	segs    []DiscardSegment
 }
 
-// start handles one popped chain. Problems in the request become an error
-// status; only a chain that cannot be answered at all breaks the queue.
-func (d *BlkDevice) start(q *Queue, head uint16) error {
-	if err := q.Ring.ReadChain(head, &q.chain); err != nil {
-		return err
+// start handles one popped chain and returns how many descriptors it
+// walked. Problems in the request become an error status; only a chain that
+// cannot be answered at all breaks the queue.
+func (d *BlkDevice) start(q *Queue, head uint16) (walked int, err error) {
+	err = q.Ring.ReadChainLimited(head, &q.chain, chainLimits)
+	walked = q.chain.Walked
+	over := errors.Is(err, ErrChainLimit)
+	if err != nil && !over {
+		return walked, err
 	}
 	r := d.pool.Get().(*blkReq)
 	r.q, r.head, r.written = q, head, 0
 	q.inflight.Add(1)
 	q.active.Add(1)
+	if err := d.dispatch(q, r, over, err); err != nil {
+		// r was neither finished nor handed to the engine (a fault on
+		// guest memory, or no status byte to answer with): it must not
+		// stay counted, or Drain (GET_VRING_BASE) would wait for it
+		// forever.
+		r.q = nil
+		d.pool.Put(r)
+		q.active.Add(-1)
+		q.inflight.Done()
+		return walked, err
+	}
+	return walked, nil
+}
+
+// dispatch parses r from q.chain and starts it, or finishes it with an
+// error status. It returns an error only when it did neither: the request
+// has no status byte, or touching guest memory faulted (caught here, so that
+// start can uncount r). overErr is the ErrChainLimit of a chain beyond the
+// advertised limits, whose only segment is its last descriptor.
+func (d *BlkDevice) dispatch(q *Queue, r *blkReq, over bool, overErr error) (err error) {
+	defer catchFault(debug.SetPanicOnFault(true), &err)
+	if over {
+		// Answered without parsing: IOERR in the chain's last byte if the
+		// device may write it.
+		last := q.chain.Segs[0]
+		r.blk = BlkRequest{Out: r.blk.Out[:0], In: r.blk.In[:0]}
+		if !last.Write || last.Len == 0 {
+			return fmt.Errorf("%w: %w, and no status byte", ErrBadRequest, overErr)
+		}
+		status, err := q.Mem.Slice(last.Addr+uint64(last.Len)-1, 1)
+		if err != nil {
+			return fmt.Errorf("%w: status byte: %w", ErrBadRequest, err)
+		}
+		r.blk.Status = status
+		d.guestError(q, r, overErr)
+		d.finish(r, BlkSIOErr)
+		return nil
+	}
 	if err := ParseBlkRequest(q.Mem, q.chain.Segs, &r.blk); err != nil {
 		if r.blk.Status == nil {
-			q.active.Add(-1)
-			q.inflight.Done()
-			d.pool.Put(r)
 			return err // no status byte: nothing we can answer
 		}
 		d.guestError(q, r, err)

@@ -25,6 +25,12 @@ var (
 	// a readable descriptor after a writable one, too many descriptors.
 	ErrBadChain = errors.New("malformed descriptor chain")
 
+	// ErrChainLimit is returned when a well-formed descriptor chain has
+	// more descriptors, or a longer one, than the device advertised
+	// (virtio-blk seg_max, size_max): the request fails with an error
+	// status and is not parsed further.
+	ErrChainLimit = errors.New("descriptor chain beyond the device's limits")
+
 	// ErrBadRequest is returned when a chain is well formed but is not a
 	// valid virtio-blk request (no header, no status byte, wrong lengths).
 	ErrBadRequest = errors.New("malformed virtio-blk request")

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math"
 	"reflect"
+	"slices"
 	"testing"
 )
 
@@ -691,7 +692,7 @@ func FuzzReadChain(f *testing.F) {
 		if err != nil {
 			t.Fatalf("NewSplitQueue: %v", err)
 		}
-		var c DescChain
+		var c, lc DescChain
 		var req BlkRequest
 		q.DisableNotify()
 		for pops := 0; ; pops++ {
@@ -711,12 +712,18 @@ func FuzzReadChain(f *testing.F) {
 			if int(head) >= size {
 				t.Fatalf("head %d beyond the ring", head)
 			}
+			errLim := q.ReadChainLimited(head, &lc, ChainLimits{MaxSegs: 1 + int(head)%4, MaxSegLen: 16 << (head % 8)})
+			limited := slices.Clone(lc.Segs)
 			if err := q.ReadChain(head, &c); err != nil {
 				if !errors.Is(err, ErrBadChain) {
 					t.Fatalf("ReadChain: %v", err)
 				}
+				if !errors.Is(errLim, ErrBadChain) {
+					t.Fatalf("ReadChainLimited on a bad chain: %v", errLim)
+				}
 				continue
 			}
+			checkLimited(t, c.Segs, limited, errLim, 1+int(head)%4, 16<<(head%8))
 			// A chain is at most a table long: the ring, or an indirect
 			// table, which lies in one 64 KiB region.
 			if len(c.Segs) == 0 || len(c.Segs) > max(size, rcMainSize/16) {
@@ -740,4 +747,25 @@ func FuzzReadChain(f *testing.F) {
 			t.Fatal("used.idx in memory differs from the queue's")
 		}
 	})
+}
+
+// checkLimited compares a walk within limits (limited, errLim) with the
+// unlimited walk of the same chain (full): the same segments when the chain
+// fits, else ErrChainLimit with only the chain's last descriptor.
+func checkLimited(t *testing.T, full, limited []Segment, errLim error, maxSegs int, maxLen uint32) {
+	t.Helper()
+	fits := len(full) <= maxSegs
+	for _, s := range full {
+		fits = fits && s.Len <= maxLen
+	}
+	switch {
+	case fits && errLim != nil:
+		t.Fatalf("a chain within the limits: %v", errLim)
+	case fits && !slices.Equal(full, limited):
+		t.Fatalf("limited walk %v, unlimited %v", limited, full)
+	case !fits && !errors.Is(errLim, ErrChainLimit):
+		t.Fatalf("a chain of %d segments beyond %d x %d bytes: %v", len(full), maxSegs, maxLen, errLim)
+	case !fits && (len(limited) != 1 || limited[0] != full[len(full)-1]):
+		t.Fatalf("a chain beyond the limits kept %v, want its last segment %v", limited, full[len(full)-1])
+	}
 }

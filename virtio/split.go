@@ -182,19 +182,48 @@ type Segment struct {
 type DescChain struct {
 	Head uint16
 	Segs []Segment
+	// Walked is how many descriptors the last walk read (including those
+	// past a limit), the work it cost: ProcessQueue charges it to the
+	// queue's turn.
+	Walked int
+}
+
+// ChainLimits bound what ReadChainLimited collects of one chain: what the
+// device advertised (virtio-blk seg_max and size_max). Zero fields do not
+// limit.
+type ChainLimits struct {
+	// MaxSegs is the most descriptors (after following an indirect table)
+	// a chain may have.
+	MaxSegs int
+	// MaxSegLen is the largest length one descriptor may have.
+	MaxSegLen uint32
 }
 
 // ReadChain walks the chain starting at head into c, following at most one
 // indirect table. Each descriptor is copied out of guest memory once and the
 // copy is checked: the guest may rewrite the table meanwhile.
 func (q *SplitQueue) ReadChain(head uint16, c *DescChain) error {
+	return q.ReadChainLimited(head, c, ChainLimits{})
+}
+
+// ReadChainLimited is ReadChain within lim. A chain that is well formed but
+// exceeds lim is ErrChainLimit: nothing more is collected from the
+// descriptor that went over (no memory grows with the guest's chain), the
+// rest of the chain is only walked, within its table, to find its end, and
+// c.Segs then holds only the chain's last descriptor, whose last byte is the
+// status byte of a virtio-blk request. A malformed chain is still
+// ErrBadChain.
+func (q *SplitQueue) ReadChainLimited(head uint16, c *DescChain, lim ChainLimits) error {
 	c.Head = head
 	c.Segs = c.Segs[:0]
+	c.Walked = 0
 	table := q.desc
 	limit := int(q.size) // entries in the current table, and max steps in it
 	idx := int(head)
 	indirect := false
 	sawWrite := false
+	over := false // beyond lim: walk only
+	var last Segment
 	for steps := 0; ; steps++ {
 		if steps >= limit {
 			return fmt.Errorf("%w: chain at head %d is longer than its table (%d)", ErrBadChain, head, limit)
@@ -202,6 +231,7 @@ func (q *SplitQueue) ReadChain(head uint16, c *DescChain) error {
 		if idx >= limit {
 			return fmt.Errorf("%w: next index %d beyond table of %d", ErrBadChain, idx, limit)
 		}
+		c.Walked++
 		d := table[descSize*idx : descSize*idx+descSize]
 		addr := binary.LittleEndian.Uint64(d[0:])
 		length := binary.LittleEndian.Uint32(d[8:])
@@ -212,7 +242,7 @@ func (q *SplitQueue) ReadChain(head uint16, c *DescChain) error {
 			switch {
 			case indirect:
 				return fmt.Errorf("%w: indirect descriptor inside an indirect table", ErrBadChain)
-			case len(c.Segs) > 0 || flags&DescFNext != 0:
+			case c.Walked > 1 || flags&DescFNext != 0: // not len(c.Segs): past a limit they are not kept
 				return fmt.Errorf("%w: indirect descriptor must be the whole chain", ErrBadChain)
 			case length == 0 || length%descSize != 0 || length/descSize > maxIndirect:
 				return fmt.Errorf("%w: indirect table length %d", ErrBadChain, length)
@@ -229,8 +259,18 @@ func (q *SplitQueue) ReadChain(head uint16, c *DescChain) error {
 			return fmt.Errorf("%w: device-readable descriptor after a writable one", ErrBadChain)
 		}
 		sawWrite = sawWrite || write
-		c.Segs = append(c.Segs, Segment{Addr: addr, Len: length, Write: write})
+		last = Segment{Addr: addr, Len: length, Write: write}
+		if !over && ((lim.MaxSegs > 0 && len(c.Segs) >= lim.MaxSegs) || (lim.MaxSegLen > 0 && length > lim.MaxSegLen)) {
+			over = true
+		}
+		if !over {
+			c.Segs = append(c.Segs, last)
+		}
 		if flags&DescFNext == 0 {
+			if over {
+				c.Segs = append(c.Segs[:0], last)
+				return fmt.Errorf("%w: head %d: %d descriptors, at most %d of at most %d bytes each", ErrChainLimit, head, c.Walked, lim.MaxSegs, lim.MaxSegLen)
+			}
 			return nil
 		}
 		idx = int(next)

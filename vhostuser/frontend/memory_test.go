@@ -137,7 +137,7 @@ func TestMemoryAllocWaitsForFree(t *testing.T) {
 		t.Fatalf("Alloc after Free: %v", err)
 	}
 
-	if all, err = m.Alloc(m.Size(), 0); err != nil {
+	if _, err := m.Alloc(m.Size(), 0); err != nil {
 		t.Fatal(err)
 	}
 	go func() {
