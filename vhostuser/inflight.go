@@ -35,6 +35,12 @@ const (
 	inflightAlign = 64
 	// inflightMsgSize is struct VhostUserInflight with its trailing padding.
 	inflightMsgSize = 24
+	// inflightMinEntries is the fewest descriptor states a queue's region
+	// has room for, whatever queue size GET_INFLIGHT_FD names: QEMU 10
+	// names its queue-size (128) and then runs rings of up to its largest
+	// ring size (1024; VIRTQUEUE_MAX_SIZE) on the same buffer. The layout
+	// is ours: the front-end only hands the buffer back.
+	inflightMinEntries = 1024
 
 	// Offsets in a queue region's header and in a descriptor state.
 	inflightOffVersion   = 8
@@ -100,7 +106,7 @@ func newInflightBuffer(req InflightMsg, maxQueues int) (fd int, reply InflightMs
 	if err := req.checkShape(maxQueues); err != nil {
 		return -1, InflightMsg{}, err
 	}
-	size := int64(req.NumQueues) * int64(InflightQueueRegionSize(int(req.QueueSize)))
+	size := int64(req.NumQueues) * int64(InflightQueueRegionSize(max(int(req.QueueSize), inflightMinEntries)))
 	fd, err = unix.MemfdCreate("vublk-inflight", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return -1, InflightMsg{}, fmt.Errorf("inflight buffer: memfd_create: %w", err)
@@ -118,9 +124,11 @@ func newInflightBuffer(req InflightMsg, maxQueues int) (fd int, reply InflightMs
 
 // inflightBuffer is the buffer of SET_INFLIGHT_FD mapped into this process.
 type inflightBuffer struct {
-	mapping   []byte // the whole mmap, for munmap
-	queues    [][]byte
-	queueSize int
+	mapping []byte // the whole mmap, for munmap
+	queues  [][]byte
+	// entries is how many descriptor states each queue's region has room
+	// for: rings up to that size are tracked.
+	entries int
 }
 
 // mapInflightBuffer maps the buffer the front-end handed over. It always
@@ -136,8 +144,10 @@ func mapInflightBuffer(im InflightMsg, fd int, maxQueues int) (*inflightBuffer, 
 	if err := im.checkShape(maxQueues); err != nil {
 		return nil, err
 	}
-	per := uint64(InflightQueueRegionSize(int(im.QueueSize)))
-	need := uint64(im.NumQueues) * per
+	// The buffer is split evenly between the queues (newInflightBuffer
+	// makes regions larger than the queue size asks for).
+	per := im.MmapSize / uint64(im.NumQueues)
+	need := uint64(im.NumQueues) * uint64(InflightQueueRegionSize(int(im.QueueSize)))
 	end := im.MmapOffset + im.MmapSize
 	switch {
 	case im.MmapSize < need:
@@ -167,7 +177,7 @@ func mapInflightBuffer(im InflightMsg, fd int, maxQueues int) (*inflightBuffer, 
 	if err != nil {
 		return nil, fmt.Errorf("mmap inflight buffer: %w", err)
 	}
-	b := &inflightBuffer{mapping: m, queueSize: int(im.QueueSize)}
+	b := &inflightBuffer{mapping: m, entries: min(int(per-inflightHeaderSize)/inflightDescSize, virtio.MaxQueueSize)}
 	for i := range uint64(im.NumQueues) {
 		start := im.MmapOffset + i*per
 		b.queues = append(b.queues, m[start:start+per:start+per])
@@ -233,15 +243,16 @@ func (q *inflightQueue) Published(head, usedIdx uint16) {
 // starts where the front-end said (SET_VRING_BASE).
 func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (lastAvail uint16, resubmit []uint16, fresh bool, err error) {
 	version := q.u16(inflightOffVersion)
+	n := int(q.u16(inflightOffDescNum)) // the states it was set up with
 	switch {
 	case version == 0:
 		q.init(queueSize, usedIdx)
 		return 0, nil, true, nil
 	case version != inflightVersion:
 		return 0, nil, false, fmt.Errorf("%w: inflight region version %d", ErrRejected, version)
-	case int(q.u16(inflightOffDescNum)) != queueSize:
-		return 0, nil, false, fmt.Errorf("%w: inflight region for %d descriptors, want %d", ErrRejected, q.u16(inflightOffDescNum), queueSize)
-	case !q.anyInflight(queueSize):
+	case n == 0 || n > queueSize:
+		return 0, nil, false, fmt.Errorf("%w: inflight region for %d descriptors, room for %d", ErrRejected, n, queueSize)
+	case !q.anyInflight(n):
 		// Nothing to resubmit: whatever else the header says (a stale
 		// batch list), the region starts empty. Popping still continues
 		// after the used index, not at the front-end's base: a front-end
@@ -275,7 +286,7 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 		counter uint64
 	}
 	var found []pending
-	for i := range queueSize {
+	for i := range n {
 		d := q.desc(uint16(i))
 		switch d[descOffInflight] {
 		case 0:
@@ -303,6 +314,8 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 		resubmit = append(resubmit, p.head)
 		q.counter = max(q.counter, p.counter+1)
 	}
+	q.setU16(inflightOffDescNum, uint16(queueSize)) // the rest of the region is empty
+
 	// Every chain popped was either published (usedIdx counts it) or is
 	// in flight: popping continues after both.
 	return usedIdx + uint16(len(found)), resubmit, false, nil
@@ -419,24 +432,26 @@ func (c *conn) resumeInflight(v *vring, ring *virtio.SplitQueue) (bool, error) {
 	if c.inflight == nil {
 		return false, nil
 	}
-	if v.index >= len(c.inflight.queues) || v.num > c.inflight.queueSize {
+	if v.index >= len(c.inflight.queues) || v.num > c.inflight.entries {
 		// The spec lets the ring be larger than the queue size the
 		// front-end asked the buffer for: QEMU 10 gives 128 in
-		// GET_INFLIGHT_FD and then runs the firmware's ring with 256
-		// entries. Heads beyond the region cannot be recorded, so this
-		// ring runs untracked (a back-end killed meanwhile loses what
-		// was in flight, as without inflight tracking) and the region is
-		// left as it is for the rings that fit. A queue beyond the
-		// buffer's queue count is served the same way.
+		// GET_INFLIGHT_FD and then runs rings of 256 and 1024 entries.
+		// Our buffers have room for 1024 (inflightMinEntries), but one
+		// handed over by another back-end, or a larger ring, may not fit.
+		// Heads beyond the region cannot be recorded, so such a ring runs
+		// untracked (a back-end killed meanwhile loses what was in
+		// flight, as without inflight tracking) and the region is left as
+		// it is for the rings that fit. A queue beyond the buffer's queue
+		// count is served the same way.
 		if !c.untrackedLogged {
 			c.untrackedLogged = true
-			c.log.WithFields(logrus.Fields{"queue": v.index, "size": v.num, "inflight_queues": len(c.inflight.queues), "inflight_queue_size": c.inflight.queueSize}).
+			c.log.WithFields(logrus.Fields{"queue": v.index, "size": v.num, "inflight_queues": len(c.inflight.queues), "inflight_entries": c.inflight.entries}).
 				Info("ring larger than the inflight buffer: serving it without inflight tracking")
 		}
 		return false, nil
 	}
 	q := &inflightQueue{b: c.inflight.queues[v.index]}
-	lastAvail, resubmit, fresh, err := q.resumeCatching(v.num, c.inflight.queueSize, ring.UsedIdx())
+	lastAvail, resubmit, fresh, err := q.resumeCatching(v.num, c.inflight.entries, ring.UsedIdx())
 	if err != nil {
 		return false, err
 	}

@@ -114,7 +114,9 @@ func TestInflightResumeRejectsBadRegions(t *testing.T) {
 		ok      bool
 	}{
 		{"unknown version", qs, 0, func(b []byte) { le.PutUint16(b[inflightOffVersion:], 2) }, false},
-		{"descriptor count changed", qs, 0, func(b []byte) { le.PutUint16(b[inflightOffDescNum:], 8) }, false},
+		{"more descriptors than the region has room for", qs, 0, func(b []byte) { le.PutUint16(b[inflightOffDescNum:], qs+1) }, false},
+		{"no descriptors", qs, 0, func(b []byte) { le.PutUint16(b[inflightOffDescNum:], 0) }, false},
+		{"fewer descriptors (a buffer of an older vublk)", qs, 0, func(b []byte) { le.PutUint16(b[inflightOffDescNum:], 8) }, true},
 		{"bad flag", qs, 0, func(b []byte) { b[inflightHeaderSize+16*3] = 7 }, false},
 		{"in flight beyond a smaller ring", 8, 0, func(b []byte) { b[inflightHeaderSize+16*12] = 1 }, false},
 		{"batch list leaves the ring", qs, 1, func(b []byte) {

@@ -178,10 +178,14 @@ func (d *Device) InflightPending(i int) int {
 	if b == nil || d.closed || i >= int(b.desc.NumQueues) {
 		return -1
 	}
-	per := uint64(vhostuser.InflightQueueRegionSize(int(b.desc.QueueSize)))
+	// The back-end lays the buffer out (its regions may have room for
+	// more entries than the queue size): split evenly, each region's
+	// header says how many states it holds.
+	per := b.desc.MmapSize / uint64(b.desc.NumQueues)
 	region := b.data[b.desc.MmapOffset+uint64(i)*per:][:per]
 	n := 0
-	for j := range int(b.desc.QueueSize) {
+	states := min(int(binary.LittleEndian.Uint16(region[10:])), (len(region)-16)/16)
+	for j := range states {
 		if region[16+16*j] != 0 { // after the 16-byte header, each state's first byte
 			n++
 		}
