@@ -7,8 +7,10 @@
 package vduse
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"math"
 	"os"
 	"sync"
@@ -113,12 +115,16 @@ func Create(blk *virtio.BlkDevice, opts Options, log *logrus.Entry) (*Device, er
 	for i := range d.queues {
 		d.queues[i] = newQueue(d, i)
 	}
-	if d.state, err = openInflightFile(opts.StateDir, opts.Name, len(d.queues), opts.QueueSize, !d.resumed); err != nil {
+	if d.state, err = openInflightFile(opts.StateDir, opts.Name, len(d.queues), opts.QueueSize, d.settings(), !d.resumed); err != nil {
 		d.release(false)
 		return nil, err
 	}
 	go d.serveRequests()
 	if d.resumed {
+		// The file may have another size than when the device was made.
+		if err := d.NotifyConfigChange(); err != nil {
+			d.log.WithError(err).Warn("config space not updated on take-over")
+		}
 		if err := d.resume(); err != nil {
 			d.Close()
 			return nil, err
@@ -205,6 +211,22 @@ func (d *Device) create(cfg virtio.BlkConfig) error {
 	}
 	d.msgs = os.NewFile(uintptr(dup), path)
 	return nil
+}
+
+// settings is a fingerprint of what the kernel fixed when the device was created: features,
+// queues and the config space except the capacity (a resize changes that, through
+// VDUSE_DEV_SET_CONFIG).
+func (d *Device) settings() uint64 {
+	cfg := d.blk.ReadConfig(0, blkConfigSize)
+	clear(cfg[0:8]) // capacity
+	h := fnv.New64a()
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], deviceFeatures(d.blk.Features()))
+	h.Write(b[:])
+	binary.LittleEndian.PutUint64(b[:], uint64(len(d.queues))<<32|uint64(d.opts.QueueSize))
+	h.Write(b[:])
+	h.Write(cfg)
+	return h.Sum64()
 }
 
 // blkConfigSize is the config space VDUSE is given: struct virtio_blk_config up to the

@@ -13,6 +13,9 @@ var (
 	ErrBadName = errors.New("bad VDUSE device name")
 	// ErrBadRequest is returned when a message read from the VDUSE device cannot be decoded.
 	ErrBadRequest = errors.New("bad VDUSE request")
+	// ErrSettingsChanged is returned when taking over a device that was created with other
+	// settings (features, queues, block size, read-only...): start vublk with those.
+	ErrSettingsChanged = errors.New("the VDUSE device exists with other settings (features, queues or config space); start vublk with the settings it was created with")
 	// ErrExists is returned when a VDUSE device of that name exists and is in use by another
 	// process.
 	ErrExists = errors.New("a VDUSE device of this name exists and is in use")

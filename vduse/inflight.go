@@ -37,6 +37,7 @@ const (
 	hdrStatus      = 8
 	hdrQueues      = 12
 	hdrQueueSize   = 16
+	hdrSettings    = 20 // u64: fingerprint of the settings the device was created with
 	qUsedIdx       = 0
 	qLastBatchHead = 2
 	qCounter       = 8
@@ -46,8 +47,10 @@ const (
 
 func inflightPath(dir, name string) string { return filepath.Join(dir, "vduse-"+name+".inflight") }
 
-// openInflightFile opens (fresh: creates empty) the record of device name.
-func openInflightFile(dir, name string, queues, queueSize int, fresh bool) (*inflightFile, error) {
+// openInflightFile opens (fresh: creates empty) the record of device name, for a device
+// created with settings (a fingerprint). Taking over a record made for other settings is
+// ErrSettingsChanged: the device's features and config space were fixed when it was created.
+func openInflightFile(dir, name string, queues, queueSize int, settings uint64, fresh bool) (*inflightFile, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("inflight record: %w", err)
 	}
@@ -66,6 +69,17 @@ func openInflightFile(dir, name string, queues, queueSize int, fresh bool) (*inf
 	if err != nil {
 		return nil, fmt.Errorf("inflight record: %w", err)
 	}
+	if !fresh && fi.Size() >= inflightHeader {
+		// A record of another device geometry or other settings: the device was made by a
+		// vublk with other options.
+		var hdr [inflightHeader]byte
+		if _, err := f.ReadAt(hdr[:], 0); err == nil && string(hdr[:8]) == inflightMagic &&
+			(binary.LittleEndian.Uint32(hdr[hdrQueues:]) != uint32(queues) ||
+				binary.LittleEndian.Uint32(hdr[hdrQueueSize:]) != uint32(queueSize) ||
+				binary.LittleEndian.Uint64(hdr[hdrSettings:]) != settings) {
+			return nil, fmt.Errorf("%w: %s", ErrSettingsChanged, path)
+		}
+	}
 	valid := !fresh && fi.Size() == int64(size)
 	if !valid {
 		if err := f.Truncate(0); err != nil {
@@ -80,14 +94,13 @@ func openInflightFile(dir, name string, queues, queueSize int, fresh bool) (*inf
 		return nil, fmt.Errorf("inflight record: mmap: %w", err)
 	}
 	r := &inflightFile{path: path, data: data, queues: queues, queueSize: queueSize}
-	if valid && (string(data[:8]) != inflightMagic ||
-		binary.LittleEndian.Uint32(data[hdrQueues:]) != uint32(queues) ||
-		binary.LittleEndian.Uint32(data[hdrQueueSize:]) != uint32(queueSize)) {
+	if valid && string(data[:8]) != inflightMagic {
 		valid = false
 		clear(data)
 	}
 	if !valid {
 		copy(data, inflightMagic)
+		binary.LittleEndian.PutUint64(data[hdrSettings:], settings)
 		binary.LittleEndian.PutUint32(data[hdrQueues:], uint32(queues))
 		binary.LittleEndian.PutUint32(data[hdrQueueSize:], uint32(queueSize))
 	}

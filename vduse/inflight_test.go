@@ -1,13 +1,14 @@
 package vduse
 
 import (
+	"errors"
 	"slices"
 	"testing"
 )
 
 func TestInflightRecover(t *testing.T) {
 	dir := t.TempDir()
-	r, err := openInflightFile(dir, "vd0", 2, 8, true)
+	r, err := openInflightFile(dir, "vd0", 2, 8, 42, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -25,7 +26,7 @@ func TestInflightRecover(t *testing.T) {
 	r.close()
 
 	// Another process opens the record that the first one left.
-	r2, err := openInflightFile(dir, "vd0", 2, 8, false)
+	r2, err := openInflightFile(dir, "vd0", 2, 8, 42, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,7 +39,7 @@ func TestInflightRecover(t *testing.T) {
 		t.Fatalf("recover: last avail %d resubmit %v, want 104 [5 1]", last, resubmit)
 	}
 	// Without the publish having reached the ring, 7 runs again too.
-	r3, _ := openInflightFile(t.TempDir(), "vd1", 1, 8, true)
+	r3, _ := openInflightFile(t.TempDir(), "vd1", 1, 8, 42, true)
 	defer r3.close()
 	l3 := r3.queue(0, 8)
 	l3.start(0)
@@ -48,14 +49,13 @@ func TestInflightRecover(t *testing.T) {
 	if last, resubmit := l3.recover(0, 8); last != 2 || !slices.Equal(resubmit, []uint16{3, 4}) {
 		t.Fatalf("recover: %d %v", last, resubmit)
 	}
-	// A record of another geometry is not trusted.
-	r4, err := openInflightFile(dir, "vd0", 1, 8, false)
-	if err != nil {
-		t.Fatal(err)
+	// A record of another geometry is refused.
+	if _, err := openInflightFile(dir, "vd0", 1, 8, 42, false); !errors.Is(err, ErrSettingsChanged) {
+		t.Fatalf("other geometry: %v", err)
 	}
-	defer r4.close()
-	if r4.status() != 0 {
-		t.Fatal("a record for 2 queues was used for 1")
+	// A record of other settings is refused.
+	if _, err := openInflightFile(dir, "vd0", 2, 8, 43, false); !errors.Is(err, ErrSettingsChanged) {
+		t.Fatalf("other settings: %v", err)
 	}
 	if r.queue(0, 16) != nil {
 		t.Fatal("a ring larger than the record got a log")

@@ -30,7 +30,8 @@ var vduseChecks = []string{
 	"vd0_no_vda", "ro_vda_appeared", "ro_flag", "ro_write_refused", "ro_e2fsck", "vdro_exit",
 	"vdro_nothing_left", "kill_vda_appeared", "kill_io_waits", "kill_device_kept", "kill_fio_verify",
 	"kill_takeover", "kill_no_io_errors", "vdk_exit", "vdk_nothing_left", "vhost_dev_appeared",
-	"vhost_driver", "vhost_no_vda", "vdv_exit", "vdv_nothing_left",
+	"vhost_driver", "vhost_no_vda", "vhost_qemu_io", "vdv_exit", "vdv_nothing_left", "vhost_data_in_file",
+	"vhost_zeroes_in_file", "svc_vda_appeared", "svc_size", "svc_resized", "svc_exit", "svc_nothing_left",
 }
 
 // TestVDUSEGuestKernel6_12 boots Debian 13's 6.12 kernel (this host's kernel and Debian 12's
@@ -61,7 +62,7 @@ func TestVDUSEGuestKernel6_12(t *testing.T) {
 		"-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1G",
 		"-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
 		"-kernel", kernel, "-initrd", initramfs,
-		"-append", "console=ttyS0 panic=-1 loglevel=4")
+		"-append", "console=ttyS0 panic=-1 loglevel=1")
 	stdout, err := v.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -101,6 +102,9 @@ func TestVDUSEGuestKernel6_12(t *testing.T) {
 		t.Errorf("the guest did not finish within 15 minutes; console:\n%s", v.console.String())
 	}
 	v.expectChecks(t, "vduse", vduseChecks)
+	if t.Failed() {
+		t.Logf("guest console:\n%s", v.console.String())
+	}
 }
 
 // buildVDUSEInitramfs writes the VDUSE guest's initramfs: busybox, fio, mke2fs, e2fsck and
@@ -134,6 +138,9 @@ func buildVDUSEInitramfs(t *testing.T, out, moddir string) error {
 		}
 	}
 	if err := copyFile("/etc/mke2fs.conf", filepath.Join(tree, "etc", "mke2fs.conf"), 0o644); err != nil {
+		return err
+	}
+	if err := copyTrixieQemuIO(filepath.Join(tree, "trixie")); err != nil {
 		return err
 	}
 	// Debian 13's modules are .ko.xz: moduleOrder keys them by that name.
@@ -178,4 +185,41 @@ func buildVDUSEInitramfs(t *testing.T, out, moddir string) error {
 		return fmt.Errorf("cpio: %v: %s", err, stderr.String())
 	}
 	return f.Close()
+}
+
+// copyTrixieQemuIO copies qemu-io of the Debian 13 root (QEMU 10.0 with libblkio 1.5), its
+// libblkio block driver module and their libraries into root, a tree the guest chroots into:
+// there qemu-io drives /dev/vhost-vdpa-N as a user-space virtio-blk driver
+// (driver=virtio-blk-vhost-vdpa), which makes the kernel send vublk IOTLB updates for the
+// process's memory.
+func copyTrixieQemuIO(root string) error {
+	troot := os.Getenv("VUBLK_TRIXIE_ROOT")
+	if troot == "" {
+		troot = "/var/lib/vublk/trixie"
+	}
+	bins := []string{"/usr/bin/qemu-io", "/usr/lib/x86_64-linux-gnu/qemu/block-blkio.so"}
+	for _, bin := range bins {
+		if err := copyFile(filepath.Join(troot, bin), filepath.Join(root, bin), 0o755); err != nil {
+			return fmt.Errorf("%w (make deps builds the Debian 13 root)", err)
+		}
+		out, err := exec.Command(filepath.Join(env.root, "scripts", "trixie-run"), "ldd", bin).Output()
+		if err != nil {
+			return fmt.Errorf("ldd %s in the Debian 13 root: %w", bin, err)
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			for _, field := range strings.Fields(line) {
+				if strings.HasPrefix(field, "/") {
+					if err := copyFile(filepath.Join(troot, field), filepath.Join(root, field), 0o755); err != nil {
+						return err
+					}
+				}
+			}
+		}
+	}
+	for _, dir := range []string{"dev", "proc", "sys", "tmp"} {
+		if err := os.MkdirAll(filepath.Join(root, dir), 0o755); err != nil {
+			return err
+		}
+	}
+	return nil
 }
