@@ -89,7 +89,7 @@ echo "deps: $(scripts/trixie-run qemu-system-x86_64 --version | head -n 1) in $t
 vdir=.cache/kernel-vduse
 if ! ls "$vdir"/root/boot/vmlinuz-* "$vdir"/root/lib/modules/*/modules.dep >/dev/null 2>&1; then
   scripts/trixie-run apt-get update -q >/dev/null
-  vpkg=$(scripts/trixie-run apt-cache search --names-only '^linux-image-6\.12\.[0-9.+a-z]+-amd64$' | awk '{print $1}' | grep -E -- '-amd64$' | sort -V | tail -n 1)
+  vpkg=$(scripts/trixie-run apt-cache search --names-only '^linux-image-6\.12\.[0-9.+a-z]+-amd64$' | awk '{print $1}' | { grep -E -- '-amd64$' || true; } | sort -V | tail -n 1)
   if [ -z "$vpkg" ]; then
     echo "deps: no linux-image-6.12.*-amd64 package in the Debian 13 archive" >&2
     exit 1

@@ -110,30 +110,39 @@ fi
 run ro_e2fsck $T/e2fsck -f -n /dev/vda
 stop_vublk vdro
 
-# --- vublk killed with SIGKILL in the middle of verified writes, then started again: it takes
-# the device over, resubmits what was in flight, and the writes go on without an I/O error.
+# --- vublk killed with SIGKILL in the middle of verified writes, three times, and started again
+# each time: it takes the device over, resubmits what was in flight, and the writes go on without
+# an I/O error.
 serve vdk /tmp/vdk.log
 if wait_for -b /dev/vda; then ok kill_vda_appeared; else fail kill_vda_appeared "no /dev/vda"; tail -n 20 /tmp/vdk.log; fi
 dmesg -c >/dev/null
 $T/fio --name=killed --filename=/dev/vda --thread --direct=1 --ioengine=libaio --iodepth=16 \
-	--rw=randwrite --bs=4k --size=24M --numjobs=2 --offset_increment=24M --verify=crc32c \
+	--rw=randwrite --bs=4k --size=32M --numjobs=2 --offset_increment=32M --verify=crc32c \
 	--verify_fatal=1 --do_verify=1 --group_reporting >/tmp/fio-kill.out 2>&1 &
 FIO=$!
-sleep 3
-kill -KILL $VUBLK
-wait $VUBLK 2>/dev/null
-echo "E2E log killed vublk with I/O in flight"
-sleep 2
-if kill -0 $FIO 2>/dev/null; then ok kill_io_waits "fio still running, no error"; else fail kill_io_waits "fio ended while vublk was dead: $(tail -n 5 /tmp/fio-kill.out)"; fi
-expect kill_device_kept "$(ls /sys/bus/vdpa/devices) $(ls /dev/vduse | grep -v control)" "vdk vdk"
-serve vdk /tmp/vdk2.log
-# A request lost in the take-over would make fio wait for ever: give up after 300 s.
-( sleep 300; kill -KILL $FIO 2>/dev/null && echo "fio still waiting 300 s after the restart: killed" >>/tmp/fio-kill.out ) &
+# A request lost in a take-over would make fio wait for ever: give up after 400 s.
+( sleep 400; kill -KILL $FIO 2>/dev/null && echo "fio still waiting after 400 s: killed" >>/tmp/fio-kill.out ) &
 WATCHDOG=$!
-if wait $FIO; then ok kill_fio_verify; else tail -n 20 /tmp/fio-kill.out; fail kill_fio_verify "fio failed after the restart"; fi
+waited=yes kept=yes kills=0
+for k in 1 2 3; do
+	sleep 3
+	kill -0 $FIO 2>/dev/null || break
+	kill -KILL $VUBLK
+	wait $VUBLK 2>/dev/null
+	kills=$((kills + 1))
+	sleep 1
+	kill -0 $FIO 2>/dev/null || waited="fio ended while vublk was dead: $(tail -n 5 /tmp/fio-kill.out)"
+	[ "$(ls /sys/bus/vdpa/devices) $(ls /dev/vduse | grep -v control)" = "vdk vdk" ] || kept="after kill $k: $(leftovers)"
+	serve vdk /tmp/vdk$k.log
+done
+echo "E2E log killed vublk $kills times with I/O in flight"
+expect kill_count "$kills" 3
+expect kill_io_waits "$waited" yes
+expect kill_device_kept "$kept" yes
+if wait $FIO; then ok kill_fio_verify; else tail -n 20 /tmp/fio-kill.out; fail kill_fio_verify "fio failed"; fi
 kill $WATCHDOG 2>/dev/null
-echo "E2E log $(grep -o '"msg":"took the device over from a vublk that died".*' /tmp/vdk2.log | head -n 1)"
-expect kill_takeover "$(grep -c 'took the device over from a vublk that died' /tmp/vdk2.log)" 1
+echo "E2E log take-overs: $(cat /tmp/vdk[123].log | grep -o '"resubmitted":[0-9]*,"time":"[^"]*","vduse"' | tr '\n' ' ')"
+expect kill_takeover "$(cat /tmp/vdk[123].log | grep -c 'took the device over from a vublk that died')" 3
 expect kill_no_io_errors "$(dmesg | grep -ci 'I/O error')" 0
 stop_vublk vdk
 

@@ -28,7 +28,7 @@ var vduseChecks = []string{
 	"fio_randwrite_verify", "fio_seq_1m_verify", "discard", "discard_reads_zeros", "write_zeroes",
 	"write_zeroes_reads_zeros", "mkfs_ext4", "e2fsck", "vd0_exit", "vd0_nothing_left", "flushes_reach_vublk",
 	"vd0_no_vda", "ro_vda_appeared", "ro_flag", "ro_write_refused", "ro_e2fsck", "vdro_exit",
-	"vdro_nothing_left", "kill_vda_appeared", "kill_io_waits", "kill_device_kept", "kill_fio_verify",
+	"vdro_nothing_left", "kill_vda_appeared", "kill_count", "kill_io_waits", "kill_device_kept", "kill_fio_verify",
 	"kill_takeover", "kill_no_io_errors", "vdk_exit", "vdk_nothing_left", "vhost_dev_appeared",
 	"vhost_driver", "vhost_no_vda", "vhost_qemu_io", "vdv_exit", "vdv_nothing_left", "vhost_data_in_file",
 	"vhost_zeroes_in_file", "svc_vda_appeared", "svc_size", "svc_resized", "svc_exit", "svc_nothing_left",
