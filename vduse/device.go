@@ -69,6 +69,7 @@ type Device struct {
 	closed   bool
 
 	served   chan error    // the request loop's result, for Served
+	looping  bool          // the request loop was started
 	loopDone chan struct{} // closed when the request loop has ended
 }
 
@@ -119,17 +120,20 @@ func Create(blk *virtio.BlkDevice, opts Options, log *logrus.Entry) (*Device, er
 		d.release(false)
 		return nil, err
 	}
-	go d.serveRequests()
 	if d.resumed {
-		// The file may have another size than when the device was made.
-		if err := d.NotifyConfigChange(); err != nil {
-			d.log.WithError(err).Warn("config space not updated on take-over")
-		}
+		// The queues restart from the record before any request is read: the kernel sends
+		// again what the dead vublk had not answered, and those must find the device as it
+		// was. The file may have another size than when the device was made.
 		if err := d.resume(); err != nil {
+			d.startLoop() // Close removes the vdpa device, whose reset needs an answer
 			d.Close()
 			return nil, err
 		}
+		if err := d.NotifyConfigChange(); err != nil {
+			d.log.WithError(err).Warn("config space not updated on take-over")
+		}
 	}
+	d.startLoop()
 	if !opts.NoVDPA && !d.resumed {
 		if err := addVDPA(opts.Name, opts.Bus); err != nil {
 			d.Close()
@@ -256,6 +260,11 @@ func (d *Device) destroy() error {
 
 // Served reports the end of the request loop: nil after Close, an error if the device failed.
 func (d *Device) Served() <-chan error { return d.served }
+
+func (d *Device) startLoop() {
+	d.looping = true
+	go d.serveRequests()
+}
 
 // serveRequests reads the kernel's requests and answers each, until the device is closed.
 func (d *Device) serveRequests() {
@@ -475,7 +484,9 @@ func (d *Device) release(destroy bool) error {
 	d.mu.Unlock()
 	if d.msgs != nil {
 		d.msgs.Close()
-		<-d.loopDone
+		if d.looping {
+			<-d.loopDone
+		}
 	}
 	if d.fd >= 0 {
 		unix.Close(d.fd)
