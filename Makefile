@@ -11,7 +11,7 @@ SOCKET ?= $(CURDIR)/vublk.sock
 DISK ?= $(CURDIR)/disk.img
 SIZE ?= 1G
 FUZZTIME ?= 60s
-FUZZ_PKGS := ./config ./virtio ./vhostuser
+FUZZ_PKGS := ./config ./virtio ./vhostuser ./vduse
 
 .PHONY: all build deps run test check unit crash e2e hostile fuzz install clean bench bench-guest
 

@@ -35,6 +35,12 @@ const (
 	IOEngineURing = "uring" // io_uring, where the kernel allows it
 )
 
+// Values of Export.VDUSEBus: the kernel driver a VDUSE export is bound to.
+const (
+	VDUSEBusVirtio = "virtio" // virtio_vdpa
+	VDUSEBusVhost  = "vhost"  // vhost_vdpa
+)
+
 // Limits and defaults, the same as "vublk serve"'s flags.
 const (
 	DefaultNumQueues        = 16
@@ -99,6 +105,13 @@ type Export struct {
 	SocketMode  os.FileMode // socket_mode: an octal string like "0660"; 0 when not set (leave it to the umask)
 
 	WriteLog string // write_log: absolute path of the write log (see vublk replay); "" is off
+
+	// VDUSE is vduse: the name of a VDUSE device to serve the disk to this host's kernel
+	// instead of a vhost-user socket ("" when SocketPath or FD is used).
+	VDUSE string
+	// VDUSEBus is vduse_bus: VDUSEBusVirtio (default; a /dev/vdX of this host) or VDUSEBusVhost
+	// (a /dev/vhost-vdpa-N for QEMU).
+	VDUSEBus string
 
 	Line int // the line of the [[export]] header, for messages at run time
 }

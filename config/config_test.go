@@ -505,3 +505,47 @@ func TestErrorFormat(t *testing.T) {
 		}
 	}
 }
+
+func TestVDUSEExport(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(file, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, body, wantErr string
+		bus                 string
+	}{
+		{"default bus", `vduse = "vd0"`, "", VDUSEBusVirtio},
+		{"vhost bus", "vduse = \"vd0\"\nvduse_bus = \"vhost\"", "", VDUSEBusVhost},
+		{"bad bus", "vduse = \"vd0\"\nvduse_bus = \"pci\"", `export[0].vduse_bus: must be "virtio" or "vhost"`, ""},
+		{"bus without vduse", "socket_path = \"s.sock\"\nvduse_bus = \"vhost\"", "export[0].vduse_bus: applies only to vduse exports", ""},
+		{"with socket", "vduse = \"vd0\"\nsocket_path = \"s.sock\"", "export[0].vduse: vduse excludes socket_path and fd", ""},
+		{"bad name", `vduse = "a/b"`, "export[0].vduse: \"a/b\": a VDUSE device name is", ""},
+		{"control", `vduse = "control"`, "export[0].vduse:", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			data := "[[export]]\nname = \"d\"\nfile = \"" + file + "\"\n" + tc.body + "\n"
+			cfg, err := Parse(filepath.Join(dir, "vublk.toml"), []byte(data))
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if e := cfg.Exports[0]; e.VDUSE != "vd0" || e.VDUSEBus != tc.bus || e.SocketPath != "" || e.FD != -1 {
+				t.Fatalf("export %+v", e)
+			}
+		})
+	}
+	t.Run("duplicate", func(t *testing.T) {
+		data := "[[export]]\nname = \"a\"\nfile = \"" + file + "\"\nvduse = \"x\"\n[[export]]\nname = \"b\"\nfile = \"" + file + "-2\"\nsize = \"1M\"\nvduse = \"x\"\n"
+		_, err := Parse(filepath.Join(dir, "vublk.toml"), []byte(data))
+		if err == nil || !strings.Contains(err.Error(), `VDUSE device "x" is also export "a"'s`) {
+			t.Fatalf("err %v", err)
+		}
+	})
+}

@@ -309,11 +309,31 @@ func (p *parser) decodeExport(t *table, g *Global) Export {
 	}
 	_, sockThere := t.m["socket_path"]
 	_, fdThere := t.m["fd"]
+	_, vduseThere := t.m["vduse"]
+	if s, ok := t.str("vduse"); ok {
+		if err := checkVDUSEName(s); err != nil {
+			p.errorf(t.path("vduse"), "%v", err)
+		}
+		e.VDUSE = s
+	}
+	if s, ok := t.str("vduse_bus"); ok {
+		if s != VDUSEBusVirtio && s != VDUSEBusVhost {
+			p.errorf(t.path("vduse_bus"), "must be %q or %q, not %q", VDUSEBusVirtio, VDUSEBusVhost, s)
+		}
+		e.VDUSEBus = s
+		if !vduseThere {
+			p.errorf(t.path("vduse_bus"), "applies only to vduse exports")
+		}
+	} else if vduseThere {
+		e.VDUSEBus = VDUSEBusVirtio
+	}
 	switch {
 	case sockThere && fdThere:
 		p.errorf(t.path("fd"), "socket_path and fd exclude each other: give one")
-	case !sockThere && !fdThere:
-		p.errorf(t.path("socket_path"), "missing: give socket_path (or fd, an inherited listening socket)")
+	case vduseThere && (sockThere || fdThere):
+		p.errorf(t.path("vduse"), "vduse excludes socket_path and fd: a VDUSE export serves this host's kernel, not QEMU")
+	case !sockThere && !fdThere && !vduseThere:
+		p.errorf(t.path("socket_path"), "missing: give socket_path (or fd, an inherited listening socket, or vduse, a VDUSE device name)")
 	}
 
 	if f, ok := t.filePath("file"); ok {
@@ -566,4 +586,17 @@ func orList(s []string) string {
 		return s[0]
 	}
 	return strings.Join(s[:len(s)-1], ", ") + " or " + s[len(s)-1]
+}
+
+// checkVDUSEName accepts a VDUSE device name: it names /dev/vduse/NAME and the vdpa device.
+func checkVDUSEName(s string) error {
+	if s == "" || len(s) > MaxName {
+		return fmt.Errorf("%q: a VDUSE device name has 1 to %d bytes", s, MaxName)
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') || s == "." || s == ".." || s == "control" {
+			return fmt.Errorf("%q: a VDUSE device name is letters, digits, '-', '_' and '.', and not \"control\"", s)
+		}
+	}
+	return nil
 }

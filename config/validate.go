@@ -134,6 +134,7 @@ type claim struct {
 func (p *parser) crossCheck(cfg *Config) {
 	names := map[string]int{}
 	fds := map[int]int{}
+	vduses := map[string]int{}
 	var claims []claim
 	if path, ok := strings.CutPrefix(cfg.Global.MetricsAddress, "unix:"); ok {
 		c := claim{export: "", index: -1, key: "global.metrics_address", what: "metrics socket", path: path}
@@ -150,6 +151,13 @@ func (p *parser) crossCheck(cfg *Config) {
 				p.errorf(key+".name", "duplicate export name %q (also export[%d], line %d)", e.Name, j, cfg.Exports[j].Line)
 			} else {
 				names[e.Name] = i
+			}
+		}
+		if e.VDUSE != "" {
+			if j, dup := vduses[e.VDUSE]; dup {
+				p.errorf(key+".vduse", "VDUSE device %q is also export %q's (line %d)", e.VDUSE, cfg.Exports[j].Name, cfg.Exports[j].Line)
+			} else {
+				vduses[e.VDUSE] = i
 			}
 		}
 		if e.FD >= 0 {

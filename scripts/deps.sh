@@ -83,6 +83,32 @@ if [ ! -x "$trixie/usr/bin/qemu-system-x86_64" ] || [ ! -e "$trixie/.vublk-compl
 fi
 echo "deps: $(scripts/trixie-run qemu-system-x86_64 --version | head -n 1) in $trixie"
 
+# VDUSE guest kernel: Debian 13's newest linux-image-6.12.*-amd64 (Debian 12's 6.1 and this host's
+# kernel have no vDPA), downloaded inside the Debian 13 root and unpacked, not installed, into
+# .cache/kernel-vduse. The VDUSE e2e test boots it.
+vdir=.cache/kernel-vduse
+if ! ls "$vdir"/root/boot/vmlinuz-* "$vdir"/root/lib/modules/*/modules.dep >/dev/null 2>&1; then
+  scripts/trixie-run apt-get update -q >/dev/null
+  vpkg=$(scripts/trixie-run apt-cache search --names-only '^linux-image-6\.12\.[0-9.+a-z]+-amd64$' | awk '{print $1}' | { grep -E -- '-amd64$' || true; } | sort -V | tail -n 1)
+  if [ -z "$vpkg" ]; then
+    echo "deps: no linux-image-6.12.*-amd64 package in the Debian 13 archive" >&2
+    exit 1
+  fi
+  echo "deps: fetching VDUSE guest kernel $vpkg"
+  vtmp=$(mktemp -d /tmp/vublk-kernel-vduse.XXXXXX)
+  chmod 0777 "$vtmp"
+  scripts/trixie-run sh -c "cd $vtmp && apt-get download -q $vpkg" >/dev/null
+  rm -rf "$vdir"
+  mkdir -p "$vdir"
+  dpkg -x "$vtmp"/*.deb "$vdir/root"
+  rm -rf "$vtmp"
+  # Debian 13 keeps modules in usr/lib; depmod -b and the harness look in lib.
+  [ -e "$vdir/root/lib" ] || ln -s usr/lib "$vdir/root/lib"
+  vver=$(basename "$(ls -d "$vdir"/root/lib/modules/*)")
+  /sbin/depmod -b "$vdir/root" "$vver"
+fi
+echo "deps: VDUSE guest kernel $(basename "$(ls "$vdir"/root/boot/vmlinuz-* | head -n 1)")"
+
 export PATH="/usr/local/go/bin:$PATH"
 go mod download
 # gotestsum formats the e2e output: one line per test, logs only for failures.

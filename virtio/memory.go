@@ -23,6 +23,28 @@ func (r *Region) size() uint64 { return uint64(len(r.Data)) }
 // range is checked by subtraction, so no addition can overflow.
 type GuestMemory struct {
 	regions []Region // sorted by GPA, non-overlapping in GPA space
+
+	// resolver, when set, supplies the regions that regions does not hold
+	// (NewResolvedGuestMemory).
+	resolver Resolver
+}
+
+// Resolver supplies regions that are known only when they are used: VDUSE's
+// IOTLB, which the kernel fills while the driver maps buffers, so that the
+// device learns an address space one mapping at a time.
+type Resolver interface {
+	// Resolve returns the region that holds addr, mapping it first if
+	// needed, or nil. The region must not change, and its Data must stay
+	// mapped, until the transport has stopped and drained every queue that
+	// uses this memory (then it may unmap and resolve again). In resolved
+	// memory a region's GPA and UserAddr are the same address (an IOVA).
+	Resolve(addr uint64) *Region
+}
+
+// NewResolvedGuestMemory returns memory whose regions all come from r, looked
+// up on every access.
+func NewResolvedGuestMemory(r Resolver) *GuestMemory {
+	return &GuestMemory{resolver: r}
 }
 
 // NewGuestMemory checks the regions (non-empty, no address overflow, no
@@ -72,7 +94,20 @@ func (m *GuestMemory) find(gpa uint64) (*Region, uint64, bool) {
 			}
 		}
 	}
-	return nil, 0, false
+	return m.resolve(gpa)
+}
+
+// resolve asks the resolver, if any, for the region holding addr, and checks
+// what it returned.
+func (m *GuestMemory) resolve(addr uint64) (*Region, uint64, bool) {
+	if m.resolver == nil {
+		return nil, 0, false
+	}
+	r := m.resolver.Resolve(addr)
+	if r == nil || addr < r.GPA || addr-r.GPA >= r.size() {
+		return nil, 0, false
+	}
+	return r, addr - r.GPA, true
 }
 
 // Slice returns the n bytes at guest physical address gpa, which must lie in
@@ -118,6 +153,10 @@ func (m *GuestMemory) UserSlice(va, n uint64) ([]byte, error) {
 					return r.Data[off : off+n : off+n], nil
 				}
 			}
+		}
+		// Resolved regions have UserAddr == GPA.
+		if r, off, ok := m.resolve(va); ok && r.UserAddr == r.GPA && n <= r.size()-off {
+			return r.Data[off : off+n : off+n], nil
 		}
 	}
 	return nil, fmt.Errorf("%w: frontend address %#x length %d", ErrBadAddress, va, n)

@@ -9,6 +9,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/vublk/vublk/backend"
+	"github.com/vublk/vublk/vduse"
 	"github.com/vublk/vublk/vhostuser"
 	"github.com/vublk/vublk/virtio"
 )
@@ -35,6 +36,8 @@ type exportSpec struct {
 	// -1 and 0 leave them as they are.
 	socketUID, socketGID int
 	socketMode           os.FileMode
+	// vduse names a VDUSE device to serve instead of a socket; vduseBus is its vdpa driver.
+	vduse, vduseBus string
 }
 
 // export is one running disk: file store, engine with its lanes, virtio-blk device and
@@ -46,7 +49,8 @@ type export struct {
 	store  backend.Store // file, or the write log around it
 	engine *backend.Engine
 	dev    *virtio.BlkDevice
-	srv    *vhostuser.Server
+	srv    *vhostuser.Server // or vd
+	vd     *vduse.Device
 	served chan error // Serve's result
 }
 
@@ -90,6 +94,9 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 		Discard:           spec.discard && !spec.readOnly,
 	}, e.log)
 
+	if spec.vduse != "" {
+		return e.startVDUSE(capacity)
+	}
 	var ln *net.UnixListener
 	if spec.fd >= 0 {
 		ln, err = vhostuser.ListenFD(spec.fd)
@@ -121,6 +128,30 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 	return e, nil
 }
 
+// startVDUSE serves the device to this host's kernel through VDUSE.
+func (e *export) startVDUSE(capacity int64) (*export, error) {
+	spec := e.spec
+	vd, err := vduse.Create(e.dev, vduse.Options{Name: spec.vduse, Bus: spec.vduseBus}, e.log)
+	if err != nil {
+		e.engine.Close()
+		e.store.Close()
+		// Not a usage error: the settings are valid and this kernel cannot serve them.
+		return nil, engineError{fmt.Errorf("export %s: VDUSE: %w", spec.name, err)}
+	}
+	e.vd = vd
+	go func() { e.served <- <-vd.Served() }()
+	mode := "writethrough"
+	if spec.writeback {
+		mode = "writeback"
+	}
+	e.log.WithFields(logrus.Fields{
+		"vduse": spec.vduse, "vduse_bus": spec.vduseBus, "file": spec.file, "size": capacity, "read_only": spec.readOnly,
+		"lanes": spec.lanes, "num_queues": spec.numQueues, "write_cache": mode, "serial": spec.serial,
+		"direct": spec.direct, "io_engine": spec.ioEngine,
+	}).Info("export ready")
+	return e, nil
+}
+
 // engineError is a failure to start an export's I/O engine (io_uring refused by the kernel):
 // the settings are valid, this host cannot run them.
 type engineError struct{ error }
@@ -145,8 +176,16 @@ func setSocketAccess(spec exportSpec) error {
 // stop disconnects the front-end, drains every request, syncs and closes the file, and logs
 // the export's counters. An error means the final sync failed or the file did not close.
 func (e *export) stop() error {
-	e.srv.Close()
 	var errs []error
+	if e.vd != nil {
+		// Off the vdpa bus while the device still serves: the driver's removal resets it.
+		if err := e.vd.Close(); err != nil {
+			e.log.WithError(err).Error("removing the VDUSE device")
+			errs = append(errs, err)
+		}
+	} else {
+		e.srv.Close()
+	}
 	if err := e.engine.Close(); err != nil {
 		e.log.WithError(err).Error("final flush failed: data may not be durable")
 		errs = append(errs, err)
@@ -187,7 +226,13 @@ func (e *export) resize(size int64) error {
 	}
 	e.spec.size = size
 	log := e.log.WithFields(logrus.Fields{"old_size": old, "size": capacity})
-	if err := e.srv.NotifyConfigChange(); err != nil {
+	notify := func() error {
+		if e.vd != nil {
+			return e.vd.NotifyConfigChange()
+		}
+		return e.srv.NotifyConfigChange()
+	}
+	if err := notify(); err != nil {
 		log.WithError(err).Warn("resized, but the front-end was not notified: the guest sees the new size after it reconnects")
 		return nil
 	}

@@ -73,6 +73,9 @@ func libvirtXML(args []string, stdout, stderr io.Writer) int {
 // QEMU's vhost-user-blk-pci has neither property): vublk itself gives the guest the serial and
 // the read-only flag, so they appear in comments only.
 func diskXML(e *config.Export, target string, queues int) (string, error) {
+	if e.VDUSE != "" {
+		return "", fmt.Errorf("export %q is a VDUSE device (%s) served to this host's kernel; libvirt connects to a socket_path", e.Name, e.VDUSE)
+	}
 	if e.SocketPath == "" {
 		return "", fmt.Errorf("export %q listens on an inherited fd; libvirt connects to a socket_path", e.Name)
 	}

@@ -34,6 +34,7 @@ const usage = `vublk: a vhost-user-blk back-end serving a file or block device t
 Usage:
   vublk serve --socket-path PATH --blk-file PATH [options]
   vublk serve --fd N --blk-file PATH [options]
+  vublk serve --vduse NAME [--vduse-bus virtio|vhost] --blk-file PATH [options]
   vublk serve --config FILE
   vublk replay --log PATH [--base IMAGE] --out IMAGE [--mark N] [--crash --seed S]
   vublk check --config FILE
@@ -103,6 +104,8 @@ type serveOptions struct {
 	logFormat  string
 	printCaps  bool
 	cpuProfile string
+	vduse      string
+	vduseBus   string
 }
 
 func serve(args []string, stdout, stderr io.Writer) int {
@@ -128,6 +131,8 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.BoolVar(&o.printCaps, "print-capabilities", false, "print the back-end capabilities as JSON and exit")
+	fs.StringVar(&o.vduse, "vduse", "", "serve the disk to this host's kernel as the VDUSE device NAME (a /dev/vdX through virtio_vdpa), instead of a vhost-user socket")
+	fs.StringVar(&o.vduseBus, "vduse-bus", config.VDUSEBusVirtio, "with --vduse: the vdpa driver, virtio (virtio_vdpa: a block device of this host) or vhost (vhost_vdpa: /dev/vhost-vdpa-N for QEMU)")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the server to this file until it exits (go tool pprof)")
 	if code, ok := parseFlags(fs, args, stdout, stderr); !ok {
 		return code
@@ -159,8 +164,8 @@ func serve(args []string, stdout, stderr io.Writer) int {
 		return fail("unexpected argument %q", fs.Arg(0))
 	}
 	if o.config != "" {
-		if o.blkFile != "" || o.socketPath != "" || o.fd >= 0 {
-			return fail("--config cannot be combined with --blk-file, --socket-path or --fd: put the export in the file")
+		if o.blkFile != "" || o.socketPath != "" || o.fd >= 0 || o.vduse != "" {
+			return fail("--config cannot be combined with --blk-file, --socket-path, --fd or --vduse: put the export in the file")
 		}
 		return serveConfig(o.config, stderr)
 	}
@@ -171,8 +176,12 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	switch {
 	case o.blkFile == "":
 		return fail("--blk-file is required")
-	case (o.socketPath == "") == (o.fd < 0):
-		return fail("exactly one of --socket-path and --fd is required")
+	case o.vduse != "" && (o.socketPath != "" || o.fd >= 0):
+		return fail("--vduse excludes --socket-path and --fd: a VDUSE export serves this host's kernel, not QEMU")
+	case o.vduse == "" && (o.socketPath == "") == (o.fd < 0):
+		return fail("exactly one of --socket-path, --fd and --vduse is required")
+	case o.vduseBus != config.VDUSEBusVirtio && o.vduseBus != config.VDUSEBusVhost:
+		return fail("--vduse-bus must be %s or %s, not %q", config.VDUSEBusVirtio, config.VDUSEBusVhost, o.vduseBus)
 	case o.numQueues < 1 || o.numQueues > 64:
 		return fail("--num-queues must be between 1 and 64, not %d", o.numQueues)
 	case o.lanes < 1 || o.lanes > 1024:
@@ -267,7 +276,7 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 		name: o.name, socketPath: o.socketPath, fd: o.fd, file: o.blkFile, size: size, resize: o.resize,
 		readOnly: o.readOnly, numQueues: o.numQueues, lanes: o.lanes, direct: o.direct, ioEngine: o.ioEngine,
 		serial: o.serial, writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard,
-		writeLog: o.writeLog, socketUID: -1, socketGID: -1,
+		writeLog: o.writeLog, socketUID: -1, socketGID: -1, vduse: o.vduse, vduseBus: o.vduseBus,
 	}, logger)
 	if err != nil {
 		logger.WithError(err).Error("cannot start the export")

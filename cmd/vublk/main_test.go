@@ -36,7 +36,9 @@ func TestUsageErrors(t *testing.T) {
 		{"unknown flag", []string{"serve", "--bogus"}, "flag provided but not defined: -bogus"},
 		{"bad flag value", []string{"serve", "--lanes", "many"}, "invalid value"},
 		{"no blk-file", []string{"serve", "--socket-path", sock}, "--blk-file is required"},
-		{"no socket", []string{"serve", "--blk-file", img}, "exactly one of --socket-path and --fd"},
+		{"no socket", []string{"serve", "--blk-file", img}, "exactly one of --socket-path, --fd and --vduse"},
+		{"vduse and socket", []string{"serve", "--blk-file", img, "--vduse", "vd0", "--socket-path", sock}, "--vduse excludes --socket-path and --fd"},
+		{"bad vduse bus", []string{"serve", "--blk-file", img, "--vduse", "vd0", "--vduse-bus", "pci"}, `--vduse-bus must be virtio or vhost, not "pci"`},
 		{"socket and fd", []string{"serve", "--blk-file", img, "--socket-path", sock, "--fd", "3"}, "exactly one of"},
 		{"missing file", []string{"serve", "--socket-path", sock, "--blk-file", filepath.Join(dir, "nope")}, "does not exist"},
 		{"socket path not a socket", []string{"serve", "--socket-path", notSocket, "--blk-file", img}, "exists and is not a socket"},
@@ -332,5 +334,24 @@ func TestServeCPUProfile(t *testing.T) {
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "--cpuprofile") {
 		t.Errorf("unwritable --cpuprofile: %v, %q; want exit 2 and the flag named", err, out)
+	}
+}
+
+// TestVDUSEUnavailable: on a kernel without VDUSE (this host's, and Debian 12's) --vduse fails
+// with one clear line and exit code 1 (valid settings this host cannot serve), and leaves the
+// file closed and nothing running.
+func TestVDUSEUnavailable(t *testing.T) {
+	if _, err := os.Stat("/dev/vduse/control"); err == nil {
+		t.Skip("this kernel has VDUSE")
+	}
+	img := filepath.Join(t.TempDir(), "disk.img")
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"serve", "--vduse", "vd0", "--blk-file", img, "--size", "1M"}, &stdout, &stderr)
+	if code != 1 {
+		t.Errorf("exit code %d, want 1; stderr: %s", code, stderr.String())
+	}
+	msg := strings.TrimSuffix(stderr.String(), "\n")
+	if strings.Count(msg, "\n") != 0 || !strings.Contains(msg, "the kernel has no VDUSE (/dev/vduse/control is missing") {
+		t.Errorf("stderr %q: want one line saying the kernel has no VDUSE", msg)
 	}
 }
