@@ -3,9 +3,15 @@ package vhostuser_test
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
+	"math/rand/v2"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/vublk/vublk/backend"
 	"github.com/vublk/vublk/vhostuser"
@@ -253,5 +259,248 @@ func TestDirtyLogCoversEveryWrite(t *testing.T) {
 				t.Errorf("logging off, yet %d pages logged", len(got))
 			}
 		})
+	}
+}
+
+func connectLogged(t *testing.T, sock string, opt frontend.Options) (*frontend.Device, *frontend.DirtyLog) {
+	t.Helper()
+	opt.Log = true
+	d, err := frontend.Connect(sock, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	log, err := frontend.NewDirtyLog(d.Memory().Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { log.Close() })
+	if err := d.StartLogging(log); err != nil {
+		t.Fatal(err)
+	}
+	return d, log
+}
+
+// readLogged reads n bytes at sector through queue q into a buffer at a page offset, and
+// returns the pages of that buffer and whether the log had all of them when the read completed.
+func readLogged(t *testing.T, d *frontend.Device, log *frontend.DirtyLog, q int, sector uint64, n int) (pageSet, bool) {
+	t.Helper()
+	ch := newLogChain(t, d.Memory(), virtio.BlkTIn, sector, 100, n, nil)
+	defer ch.free(d.Memory())
+	p, err := d.Queue(q).SubmitChain(ch.descs())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res := wait(t, p); res.Status != virtio.BlkSOK {
+		t.Fatalf("read: status %d", res.Status)
+	}
+	got := pageSet{}
+	got.addAll(log.Take())
+	for pg := range ch.writes {
+		if !got[pg] {
+			return ch.writes, false
+		}
+	}
+	return ch.writes, true
+}
+
+// TestDirtyLogReplaced: a second SET_LOG_BASE (QEMU grows the log when memory is added) moves
+// logging to the new log before the reply, and the old log is left alone from then on.
+func TestDirtyLogReplaced(t *testing.T) {
+	e := vhostusertest.ServeFile(t, diskSize, 1, false)
+	d, log1 := connectLogged(t, e.Socket, frontend.Options{})
+	if _, ok := readLogged(t, d, log1, 0, 0, 8192); !ok {
+		t.Fatal("first log: read not logged")
+	}
+	log2, err := frontend.NewDirtyLog(d.Memory().Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer log2.Close()
+	if err := d.Conn().SetLogBase(log2.Size(), 0, log2.Fd()); err != nil {
+		t.Fatal(err)
+	}
+	log1.Take()
+	if _, ok := readLogged(t, d, log2, 0, 16, 8192); !ok {
+		t.Error("second log: read not logged")
+	}
+	if got := log1.Take(); len(got) != 0 {
+		t.Errorf("the replaced log still got %d pages", len(got))
+	}
+}
+
+// TestDirtyLogTooSmallOrShrunk: a log that does not cover guest memory loses the pages beyond
+// it and nothing else, and a log the front-end truncates after sharing it faults in vublk,
+// which survives it: once logging is off the device serves requests again.
+func TestDirtyLogTooSmallOrShrunk(t *testing.T) {
+	e := vhostusertest.ServeFile(t, diskSize, 2, false)
+	d, err := frontend.Connect(e.Socket, frontend.Options{Log: true, NumQueues: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	// 8 bytes: the first 256 KiB of guest memory only.
+	small, err := frontend.NewDirtyLog(64 * page)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer small.Close()
+	if err := d.StartLogging(small); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Queue(0).Read(0, 64<<10); err != nil {
+		t.Fatalf("read with a log too small: %v", err)
+	}
+	for _, pg := range small.Take() {
+		if pg >= 64 {
+			t.Errorf("page %d logged beyond an 8-byte log", pg)
+		}
+	}
+
+	shrunk, err := frontend.NewDirtyLog(d.Memory().Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer shrunk.Close()
+	if err := d.StartLogging(shrunk); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Ftruncate(shrunk.Fd(), 0); err != nil {
+		t.Fatal(err)
+	}
+	// Marks now fault: the request is not completed (or its queue breaks), and the process
+	// lives on.
+	p, err := d.Queue(0).Submit(frontend.ReadRequest(0, 4096))
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.Done():
+	case <-time.After(200 * time.Millisecond):
+	}
+	if err := d.StopLogging(); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := d.Queue(1).Read(0, 4096); err != nil || len(got) != 4096 {
+		t.Fatalf("read after the shrunk log was dropped: %v", err)
+	}
+}
+
+// TestHandoverSyncs: when the front-end stops the last running ring (GET_VRING_BASE, as a
+// migration's source does before the switch-over), vublk has made every completed write durable
+// by the time it answers; stopping one ring of two does not sync yet.
+func TestHandoverSyncs(t *testing.T) {
+	store := backend.NewCrashStore(diskSize)
+	e := vhostusertest.Serve(t, store, 2, virtio.BlkConfig{Capacity: diskSize, BlockSize: 512, NumQueues: 2,
+		Serial: serial, Writeback: true}, nil)
+	_ = e
+	d, err := frontend.Connect(e.Socket, frontend.Options{NumQueues: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	data := pattern(11, 64<<10)
+	if err := d.Queue(0).Write(8, data); err != nil { // no flush: write-back, not durable yet
+		t.Fatal(err)
+	}
+	syncs := store.Syncs()
+	if _, err := d.StopQueue(0); err != nil {
+		t.Fatal(err)
+	}
+	if store.Syncs() != syncs {
+		t.Errorf("stopping one ring of two synced the store")
+	}
+	if _, err := d.StopQueue(1); err != nil {
+		t.Fatal(err)
+	}
+	if store.Syncs() == syncs {
+		t.Fatal("the device was stopped, and the store was not synced")
+	}
+	// Whatever a crash now keeps, the write is there.
+	img := store.Crash(rand.New(rand.NewPCG(1, 2)))
+	if !bytes.Equal(img[8*512:8*512+len(data)], data) {
+		t.Error("a completed write is not durable after the device was stopped")
+	}
+	if err := d.StartQueue(0); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := d.Queue(0).Read(8, len(data)); err != nil || !bytes.Equal(got, data) {
+		t.Errorf("read after the restart: %v", err)
+	}
+}
+
+// TestHandoverSyncFailureClosesConnection: a failed sync at the handover cannot be reported in
+// the GET_VRING_BASE reply, so the connection is closed: the front-end sees a failed stop, not a
+// clean one.
+func TestHandoverSyncFailureClosesConnection(t *testing.T) {
+	store := backend.NewCrashStore(diskSize)
+	e := vhostusertest.Serve(t, store, 2, virtio.BlkConfig{Capacity: diskSize, BlockSize: 512, NumQueues: 1,
+		Serial: serial, Writeback: true}, nil)
+	d, err := frontend.Connect(e.Socket, frontend.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.Queue(0).Write(0, pattern(3, 4096)); err != nil {
+		t.Fatal(err)
+	}
+	store.SetSyncError(errors.New("injected sync failure"))
+	if _, err := d.StopQueue(0); err == nil {
+		t.Fatal("GET_VRING_BASE answered although the store could not be synced")
+	}
+}
+
+// TestDirtyLogAcrossReconnect: vublk is killed with a read in flight while logging is on; the
+// front-end reconnects to a new vublk and shares the log again (as QEMU does), and the
+// resubmitted read's data is logged by the time it completes.
+func TestDirtyLogAcrossReconnect(t *testing.T) {
+	const size, hang = 16 << 20, 1 << 20
+	dir, image := newImage(t, size)
+	sock := filepath.Join(dir, "sock")
+	a := startHelper(t, sock, image, helperOptions{lanes: 1, hang: hang})
+	d, log := connectLogged(t, sock, frontend.Options{NumQueues: helperQueues, QueueSize: 64, EventIdx: true, Inflight: true})
+	failFast(t, d)
+	want := pattern(21, 8192)
+	if err := d.Queue(0).Write(0, want); err != nil {
+		t.Fatal(err)
+	}
+	q0, q1 := d.Queue(0), d.Queue(1)
+	// A write that hangs and a flush behind it close the barrier; a read on the other queue is
+	// then popped and held until vublk dies.
+	for _, r := range []frontend.Request{frontend.WriteRequest(hang/512, pattern(22, 4096)), frontend.FlushRequest()} {
+		if _, err := q0.Submit(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the back-end to pop the write and the flush", func() bool { return d.InflightPending(0) == 2 })
+	ch := newLogChain(t, d.Memory(), virtio.BlkTIn, 0, 100, 8192, nil)
+	rd, err := q1.SubmitChain(ch.descs())
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the back-end to pop the read", func() bool { return d.InflightPending(1) == 1 })
+	a.kill()
+	log.Take()
+	b := startHelper(t, sock, image, helperOptions{lanes: 1})
+	if err := d.Reconnect(sock); err != nil {
+		t.Fatalf("reconnect: %v\n%s", err, b.logs())
+	}
+	if res := wait(t, rd); res.Status != virtio.BlkSOK {
+		t.Fatalf("resubmitted read: status %d", res.Status)
+	}
+	got := pageSet{}
+	got.addAll(log.Take())
+	for pg := range ch.writes {
+		if !got[pg] {
+			t.Errorf("page %#x of the resubmitted read is not logged", pg*page)
+		}
+	}
+	if !bytes.Equal(ch.data.Data[100:100+8192], want) {
+		t.Error("resubmitted read: wrong data")
+	}
+	for _, msg := range []string{"resuming the queue from the inflight buffer", "dirty page logging on"} {
+		if !strings.Contains(b.logs(), msg) {
+			t.Errorf("the new back-end did not log %q:\n%s", msg, b.logs())
+		}
 	}
 }

@@ -79,6 +79,7 @@ type Device struct {
 	maxQueue int
 	inflight *inflightBuf // nil: no inflight buffer
 	logging  bool         // VHOST_F_LOG_ALL is on: rings are set up with VHOST_VRING_F_LOG
+	dirtyLog *DirtyLog    // the log shared by StartLogging (the caller owns it)
 
 	mu     sync.Mutex // serialises StopQueue, StartQueue and Close
 	closed bool

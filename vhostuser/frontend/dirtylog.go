@@ -96,6 +96,7 @@ func (d *Device) StartLogging(log *DirtyLog) error {
 	if err := d.conn.SetLogBase(log.Size(), 0, log.Fd()); err != nil {
 		return err
 	}
+	d.dirtyLog = log
 	return d.setLogging(true)
 }
 
@@ -115,13 +116,22 @@ func (d *Device) setLogging(on bool) error {
 	if err := d.conn.SetFeatures(f); err != nil {
 		return err
 	}
-	d.logging = on
+	d.features, d.logging = f, on
 	for _, q := range d.queues {
 		if err := d.conn.SetVringAddr(d.vringAddr(q)); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// resumeLogging shares the log again after a reconnect, before the rings start (Reconnect has
+// already acknowledged VHOST_F_LOG_ALL with the other features).
+func (d *Device) resumeLogging() error {
+	if !d.logging || d.dirtyLog == nil {
+		return nil
+	}
+	return d.conn.SetLogBase(d.dirtyLog.Size(), 0, d.dirtyLog.Fd())
 }
 
 // vringAddr is q's SET_VRING_ADDR payload, with the log flag and the used ring's guest address
