@@ -85,4 +85,6 @@ echo "deps: $(scripts/trixie-run qemu-system-x86_64 --version | head -n 1) in $t
 
 export PATH="/usr/local/go/bin:$PATH"
 go mod download
+# gotestsum formats the e2e output: one line per test, logs only for failures.
+[ -x bin/gotestsum ] || GOBIN="$PWD/bin" go install gotest.tools/gotestsum@v1.13.0
 echo "deps: ok"

@@ -40,7 +40,9 @@ type durableFile struct {
 // replays the log into every flush-mark state and into random crash states between marks. Each
 // state must be repaired by e2fsck -fy and then be clean for e2fsck -fn, and every file the guest
 // had been told was durable must be there with its content, until the guest deleted it.
-func TestExt4CrashStates(t *testing.T) {
+func TestExt4CrashStates(t *testing.T) { forEachQEMU(t, testExt4CrashStates) }
+
+func testExt4CrashStates(t *testing.T, q *qemuBinary) {
 	dir := t.TempDir()
 	base := filepath.Join(dir, "base.img")
 	img := filepath.Join(dir, "disk.img")
@@ -98,7 +100,7 @@ func TestExt4CrashStates(t *testing.T) {
 		}
 	}
 	start := time.Now()
-	v := bootGuest(t, boot{disks: []disk{{socket: d.socket, numQueues: 2}},
+	v := bootGuest(t, boot{qemu: q, disks: []disk{{socket: d.socket, numQueues: 2}},
 		params: map[string]string{"phase": "crashwork"}, timeout: 10 * time.Minute, onLine: onLine})
 	v.expectChecks(t, "crashwork", []string{"mount_ext4", "umount_ext4"})
 	stats, err := d.stop()

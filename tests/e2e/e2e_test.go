@@ -27,7 +27,9 @@ const (
 //  3. verify: a third VM recovers the journal and finds the file system clean.
 //
 // Then vublk must exit 0 on SIGTERM, and its counters must show the guest's flushes.
-func TestGuest(t *testing.T) {
+func TestGuest(t *testing.T) { forEachQEMU(t, testGuest) }
+
+func testGuest(t *testing.T, q *qemuBinary) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.img")
 	roImg := filepath.Join(dir, "ro.img")
@@ -47,7 +49,7 @@ func TestGuest(t *testing.T) {
 	}
 
 	t.Run("main", func(t *testing.T) {
-		v := bootGuest(t, boot{disks: disks, params: params("main"), timeout: 10 * time.Minute})
+		v := bootGuest(t, boot{qemu: q, disks: disks, params: params("main"), timeout: 10 * time.Minute})
 		v.expectChecks(t, "main", []string{
 			"size", "logical_block_size", "queues", "serial", "write_cache",
 			"fio_randwrite_verify", "fio_seq_1m_verify",
@@ -65,7 +67,7 @@ func TestGuest(t *testing.T) {
 	})
 
 	t.Run("reconnect_and_kill", func(t *testing.T) {
-		v := bootGuest(t, boot{disks: disks, params: params("reconnect"), timeout: 5 * time.Minute,
+		v := bootGuest(t, boot{qemu: q, disks: disks, params: params("reconnect"), timeout: 5 * time.Minute,
 			killOn: "E2E writing", killAfter: 3 * time.Second})
 		for _, name := range []string{"size", "mount_ext4", "checksums"} {
 			if res := v.results[name]; len(res) < 2 || res[:2] != "ok" {
@@ -80,7 +82,7 @@ func TestGuest(t *testing.T) {
 	})
 
 	t.Run("verify_after_kill", func(t *testing.T) {
-		v := bootGuest(t, boot{disks: disks, params: params("verify"), timeout: 5 * time.Minute})
+		v := bootGuest(t, boot{qemu: q, disks: disks, params: params("verify"), timeout: 5 * time.Minute})
 		v.expectChecks(t, "verify", []string{"size", "mount_ext4", "checksums", "umount_ext4", "e2fsck_clean"})
 		if n := rw.countLogs("front-end connected"); n != 3 {
 			t.Errorf("the read-write export saw %d connections, want 3", n)

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -36,10 +37,85 @@ var guestTools = []string{"fio", "mke2fs", "e2fsck", "blkdiscard"}
 // env is what every test in the package shares: built once in TestMain.
 var env struct {
 	root      string // the repository
-	work      string // scratch directory for the whole run
+	work      string // scratch directory for the whole run, under /tmp (see qemuBinary)
 	vublk     string // the binary under test
-	kernel    string // vmlinuz
+	kernel    string // vmlinuz, copied into work
 	initramfs string
+}
+
+// qemuBinary is one front-end of the matrix every real-guest test runs on: the host's QEMU
+// (Debian 12: 7.2) and the Debian 13 root's (10.0), which runs chrooted through
+// scripts/trixie-run with the host's /tmp bound in. Every path handed to QEMU must therefore be
+// under /tmp: env.work, and t.TempDir() (TMPDIR is env.work).
+type qemuBinary struct {
+	name    string   // subtest name: qemu7.2, qemu10.0
+	version string   // what `qemu-system-x86_64 --version` printed
+	prefix  []string // what runs the binary: nothing for the host's, trixie-run for Debian 13's
+	major   int
+}
+
+// qemus are the front-ends of the matrix, found in TestMain. VUBLK_E2E_QEMU=7.2 (or 10.0) keeps
+// one, for a quicker run by hand.
+var qemus []*qemuBinary
+
+// command runs this QEMU's program (qemu-system-x86_64, qemu-io, qemu-img,
+// qemu-storage-daemon) with args.
+func (q *qemuBinary) command(prog string, args ...string) *exec.Cmd {
+	full := append(append(slices.Clone(q.prefix), prog), args...)
+	return exec.Command(full[0], full[1:]...)
+}
+
+// reconnectOpt is the -chardev socket option that makes QEMU reconnect to a back-end that went
+// away: whole seconds before QEMU 9.2, milliseconds since (reconnect= is deprecated in 10.0).
+func (q *qemuBinary) reconnectOpt() string {
+	if q.major >= 10 {
+		return "reconnect-ms=500"
+	}
+	return "reconnect=1"
+}
+
+// forEachQEMU runs f as a subtest per QEMU of the matrix.
+func forEachQEMU(t *testing.T, f func(t *testing.T, q *qemuBinary)) {
+	t.Helper()
+	for _, q := range qemus {
+		t.Run(q.name, func(t *testing.T) { f(t, q) })
+	}
+}
+
+// findQEMUs fills qemus: the host's QEMU, and the Debian 13 root's through scripts/trixie-run.
+func findQEMUs() error {
+	only := os.Getenv("VUBLK_E2E_QEMU")
+	for _, prefix := range [][]string{nil, {filepath.Join(env.root, "scripts", "trixie-run")}} {
+		q := &qemuBinary{prefix: prefix}
+		out, err := q.command("qemu-system-x86_64", "--version").CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%s: %v: %s (make deps installs both QEMUs)", strings.Join(append(prefix, "qemu-system-x86_64"), " "), err, out)
+		}
+		first, _, _ := strings.Cut(string(out), "\n")
+		var major, minor int
+		if _, err := fmt.Sscanf(first, "QEMU emulator version %d.%d", &major, &minor); err != nil {
+			return fmt.Errorf("unexpected QEMU version line %q", first)
+		}
+		q.major, q.version = major, first
+		q.name = fmt.Sprintf("qemu%d.%d", major, minor)
+		if only == "" || q.name == "qemu"+only {
+			qemus = append(qemus, q)
+		}
+	}
+	if len(qemus) == 0 {
+		return fmt.Errorf("VUBLK_E2E_QEMU=%s matches no QEMU", only)
+	}
+	return nil
+}
+
+// hostQEMU is the host's QEMU, for the tests that are not about the front-end (benchmarks).
+func hostQEMU() *qemuBinary {
+	for _, q := range qemus {
+		if len(q.prefix) == 0 {
+			return q
+		}
+	}
+	return qemus[0]
 }
 
 func TestMain(m *testing.M) {
@@ -60,7 +136,12 @@ func setup(m *testing.M) (int, error) {
 		return 0, err
 	}
 	env.root = root
-	if env.work, err = os.MkdirTemp("", "vublk-e2e-"); err != nil {
+	// Under /tmp, which the Debian 13 root shares; the tests' own temporary directories too.
+	if env.work, err = os.MkdirTemp("/tmp", "vublk-e2e-"); err != nil {
+		return 0, err
+	}
+	os.Setenv("TMPDIR", env.work)
+	if err := findQEMUs(); err != nil {
 		return 0, err
 	}
 	env.vublk = filepath.Join(env.work, "vublk")
@@ -75,8 +156,11 @@ func setup(m *testing.M) (int, error) {
 		return 0, fmt.Errorf("no guest kernel under %s: run `make deps`", kroot)
 	}
 	sort.Strings(kernels)
-	env.kernel = kernels[len(kernels)-1]
-	kver := strings.TrimPrefix(filepath.Base(env.kernel), "vmlinuz-")
+	kver := strings.TrimPrefix(filepath.Base(kernels[len(kernels)-1]), "vmlinuz-")
+	env.kernel = filepath.Join(env.work, "vmlinuz")
+	if err := copyFile(kernels[len(kernels)-1], env.kernel, 0o644); err != nil {
+		return 0, err
+	}
 	env.initramfs = filepath.Join(env.work, "initramfs.cpio")
 	if err := buildInitramfs(env.initramfs, filepath.Join(kroot, "lib", "modules", kver)); err != nil {
 		return 0, fmt.Errorf("building the initramfs: %w", err)
@@ -371,15 +455,19 @@ type vm struct {
 // disk is a vhost-user-blk device for the guest.
 type disk struct {
 	socket    string
-	numQueues int
-	reconnect bool // QEMU reconnects to a back-end that went away (-chardev socket,reconnect=1)
+	numQueues int  // 0: QEMU's default (one per vCPU)
+	reconnect bool // QEMU reconnects to a back-end that went away (qemuBinary.reconnectOpt)
+	// deviceOpts are more vhost-user-blk-pci options, comma-separated (queue-size=1024,packed=on).
+	deviceOpts string
 }
 
 // boot describes one guest run.
 type boot struct {
-	disks   []disk            // vda, vdb, ...
-	params  map[string]string // vublk.* kernel parameters for guest.sh
-	timeout time.Duration
+	qemu      *qemuBinary       // the front-end; nil: the host's
+	extraArgs []string          // more QEMU arguments (-qmp, -incoming, ...)
+	disks     []disk            // vda, vdb, ...
+	params    map[string]string // vublk.* kernel parameters for guest.sh
+	timeout   time.Duration
 	// killOn, when set, makes the host SIGKILL QEMU killAfter after the guest prints this line:
 	// a VM that dies with requests in flight.
 	killOn    string
@@ -409,16 +497,27 @@ func bootGuest(t *testing.T, b boot) *vm {
 	if !b.reboot {
 		args = append(args, "-no-reboot")
 	}
+	q := b.qemu
+	if q == nil {
+		q = hostQEMU()
+	}
 	for i, d := range b.disks {
 		id := fmt.Sprintf("vublk%d", i)
 		chardev := "socket,id=" + id + ",path=" + d.socket
 		if d.reconnect {
-			chardev += ",reconnect=1"
+			chardev += "," + q.reconnectOpt()
 		}
-		args = append(args, "-chardev", chardev,
-			"-device", fmt.Sprintf("vhost-user-blk-pci,chardev=%s,num-queues=%d", id, d.numQueues))
+		dev := "vhost-user-blk-pci,chardev=" + id
+		if d.numQueues > 0 {
+			dev += fmt.Sprintf(",num-queues=%d", d.numQueues)
+		}
+		if d.deviceOpts != "" {
+			dev += "," + d.deviceOpts
+		}
+		args = append(args, "-chardev", chardev, "-device", dev)
 	}
-	v := &vm{cmd: exec.Command("qemu-system-x86_64", args...), results: map[string]string{}}
+	args = append(args, b.extraArgs...)
+	v := &vm{cmd: q.command("qemu-system-x86_64", args...), results: map[string]string{}}
 	stdout, err := v.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -486,17 +585,13 @@ func (v *vm) expectChecks(t *testing.T, phase string, want []string) {
 		t.Errorf("guest phase %s did not finish; console:\n%s", phase, v.console.String())
 	}
 	for _, name := range want {
-		t.Run(name, func(t *testing.T) {
-			res, ok := v.results[name]
-			switch {
-			case !ok:
-				t.Errorf("the guest did not report %s", name)
-			case strings.HasPrefix(res, "FAIL"):
-				t.Errorf("%s: %s", name, res)
-			default:
-				t.Logf("%s: %s", name, res)
-			}
-		})
+		res, ok := v.results[name]
+		switch {
+		case !ok:
+			t.Errorf("the guest did not report %s", name)
+		case strings.HasPrefix(res, "FAIL"):
+			t.Errorf("%s: %s", name, res)
+		}
 	}
 	for _, name := range v.order {
 		if strings.HasPrefix(v.results[name], "FAIL") && !contains(want, name) {

@@ -19,7 +19,9 @@ import (
 // keeps 64 random writes in flight when the host kills it. Every later boot reads back every
 // region flushed so far. After each disconnect vublk must be back to the file descriptors it had
 // before the first connection, with none of the guest's memory still mapped.
-func TestFrontendRestarts(t *testing.T) {
+func TestFrontendRestarts(t *testing.T) { forEachQEMU(t, testFrontendRestarts) }
+
+func testFrontendRestarts(t *testing.T, q *qemuBinary) {
 	frontendKills := 20
 	if n, err := strconv.Atoi(os.Getenv("VUBLK_E2E_FRONTEND_KILLS")); err == nil && n > 0 {
 		frontendKills = n // for a quicker run by hand
@@ -43,7 +45,7 @@ func TestFrontendRestarts(t *testing.T) {
 			"phase": "qemukill", "size": strconv.Itoa(diskSize), "iter": strconv.Itoa(i),
 			"sums": strings.Join(append([]string{"none"}, sums...), ","),
 		}
-		b := boot{disks: []disk{{socket: sock, numQueues: 2}}, params: params, timeout: 3 * time.Minute}
+		b := boot{qemu: q, disks: []disk{{socket: sock, numQueues: 2}}, params: params, timeout: 3 * time.Minute}
 		if final {
 			params["final"] = "1"
 		} else {
@@ -157,7 +159,9 @@ func waitLogCount(t *testing.T, d *daemon, msg string, n int, timeout time.Durat
 // connection), and the second boot of the same VM reads the data back and writes again. vublk
 // runs here with the other I/O path, io_uring over an O_DIRECT file, so that a real guest
 // exercises it too.
-func TestGuestReboot(t *testing.T) {
+func TestGuestReboot(t *testing.T) { forEachQEMU(t, testGuestReboot) }
+
+func testGuestReboot(t *testing.T, q *qemuBinary) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "rw.sock")
 	d := startVublk(t, sock, "--blk-file", filepath.Join(dir, "disk.img"), "--size", "1G", "--name", "rw",
@@ -166,6 +170,7 @@ func TestGuestReboot(t *testing.T) {
 		t.Fatalf("vublk did not start with io_uring and O_DIRECT: %v", ready)
 	}
 	v := bootGuest(t, boot{
+		qemu:    q,
 		disks:   []disk{{socket: sock, numQueues: 2}},
 		params:  map[string]string{"phase": "reboot", "size": strconv.Itoa(diskSize)},
 		timeout: 3 * time.Minute,

@@ -19,7 +19,9 @@ import (
 // socket,reconnect=1) and hands the new vublk the inflight buffer
 // (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), which resubmits the requests the dead one had taken.
 // The guest must see no I/O error, and its data must verify.
-func TestBackendRestart(t *testing.T) {
+func TestBackendRestart(t *testing.T) { forEachQEMU(t, testBackendRestart) }
+
+func testBackendRestart(t *testing.T, q *qemuBinary) {
 	// At least minKills kills, and more until wantResumed restarts have found requests in flight
 	// (a kill lands between requests more often than not), at most maxKills, while the guest
 	// writes (90 s; the kills stop after 75 s).
@@ -36,6 +38,7 @@ func TestBackendRestart(t *testing.T) {
 	result := make(chan *vm, 1)
 	go func() {
 		result <- bootGuest(t, boot{
+			qemu:   q,
 			disks:  []disk{{socket: sock, numQueues: 2, reconnect: true}},
 			params: map[string]string{"phase": "restart", "size": strconv.Itoa(diskSize), "seconds": "90"},
 			// 90 s of I/O, then checks: a guest whose requests were lost hangs.

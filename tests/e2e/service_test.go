@@ -25,7 +25,9 @@ import (
 // another export's front-end is killed in the middle of its I/O; the operator grows the guest's
 // disk with a SIGHUP reload and the guest sees the new size live; the metrics endpoint shows the
 // guest's requests; SIGTERM stops everything cleanly.
-func TestServiceFromExampleConfig(t *testing.T) {
+func TestServiceFromExampleConfig(t *testing.T) { forEachQEMU(t, testServiceFromExampleConfig) }
+
+func testServiceFromExampleConfig(t *testing.T, q *qemuBinary) {
 	dir := t.TempDir()
 	example, err := os.ReadFile(filepath.Join(env.root, "examples", "vublk.toml"))
 	if err != nil {
@@ -75,6 +77,7 @@ func TestServiceFromExampleConfig(t *testing.T) {
 
 	grown := guest.Size + 64<<20
 	v := bootGuest(t, boot{
+		qemu:  q,
 		disks: []disk{{socket: guest.SocketPath, numQueues: 2}},
 		params: map[string]string{
 			"phase": "service", "size": strconv.FormatInt(guest.Size, 10), "serial": guest.Serial,
