@@ -36,7 +36,7 @@ const (
 	migGoodRounds = 10
 	// migBrokenTries bounds the migrations away from a vublk that does not log read data; one
 	// of them must fail the guest's checksum.
-	migBrokenTries = 3
+	migBrokenTries = 4
 	// migQSDRounds is how many migrations run between two qemu-storage-daemons, for the
 	// downtime comparison.
 	migQSDRounds = 4
@@ -318,10 +318,7 @@ func (r *migRun) start(b *migBackend, incoming string) *migVM {
 		"-object", "memory-backend-memfd,id=mem,size=" + migMem + ",share=on", "-numa", "node,memdev=mem",
 		"-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
 		"-kernel", env.kernel, "-initrd", env.initramfs,
-		// init_on_alloc=0: the kernel does not zero the page cache pages it allocates, which
-		// would make them dirty for QEMU before the back-end fills them, and hide a back-end
-		// that does not log its writes.
-		"-append", "console=ttyS0 panic=-1 loglevel=4 init_on_alloc=0 " + strings.Join(cmdline, " "),
+		"-append", "console=ttyS0 panic=-1 loglevel=4 " + strings.Join(cmdline, " "),
 		"-chardev", "socket,id=disk0,path=" + b.socket,
 		"-device", "vhost-user-blk-pci,chardev=disk0,num-queues=2",
 		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
