@@ -386,6 +386,11 @@ phase_migrate() {
 		passes=0
 		bad=0
 		while [ ! -f /tmp/go ]; do
+			# First zeros from the region below, so that the pages the region then lands in
+			# held other data: a page the back-end fills and does not log then arrives stale
+			# (a re-read of the same data into the same page would hide it).
+			echo 1 >/proc/sys/vm/drop_caches
+			dd if=/dev/vda of=/dev/null bs=1M skip=$((off - mibs)) count="$mibs" 2>/dev/null
 			echo 1 >/proc/sys/vm/drop_caches
 			# Only into the page cache: checksumming every pass would make it slower (TCG) and
 			# leave fewer passes, and so fewer writes of the back-end, in each migration.

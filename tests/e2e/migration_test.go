@@ -67,6 +67,13 @@ func TestMigration(t *testing.T) {
 	}
 	hooked := buildHookedVublk(t)
 	forEachQEMU(t, func(t *testing.T, q *qemuBinary) {
+		if q.major < 8 && os.Getenv("MIG_QEMU7") != "1" {
+			// Under this workload a QEMU 7.2 TCG guest comes out of migration with corrupted
+			// memory (kernel oopses: bad page state, slab BUG, NULL pointer in virtblk_done)
+			// with qemu-storage-daemon 7.2 as the back-end too, and with -cpu qemu64: a QEMU
+			// 7.2 problem, not the back-end's. MIG_QEMU7=1 runs it anyway.
+			t.Skip("QEMU 7.2 corrupts this TCG guest's memory in migration with qemu-storage-daemon too (MIG_QEMU7=1 runs it)")
+		}
 		dir := t.TempDir()
 		img := filepath.Join(dir, "disk.img")
 		sum := writeMigImage(t, img)
@@ -318,7 +325,10 @@ func (r *migRun) start(b *migBackend, incoming string) *migVM {
 		"-object", "memory-backend-memfd,id=mem,size=" + migMem + ",share=on", "-numa", "node,memdev=mem",
 		"-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
 		"-kernel", env.kernel, "-initrd", env.initramfs,
-		"-append", "console=ttyS0 panic=-1 loglevel=4 " + strings.Join(cmdline, " "),
+		// init_on_alloc=0: the kernel does not zero the page cache pages it allocates, which
+		// would make them dirty for QEMU just before the back-end fills them and hide most
+		// writes a back-end does not log.
+		"-append", "console=ttyS0 panic=-1 loglevel=4 init_on_alloc=0 " + strings.Join(cmdline, " "),
 		"-chardev", "socket,id=disk0,path=" + b.socket,
 		"-device", "vhost-user-blk-pci,chardev=disk0,num-queues=2",
 		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
