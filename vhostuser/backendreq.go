@@ -37,12 +37,12 @@ func (b *backendChannel) set(fd int, needReply bool) error {
 	c, err := net.FileConn(f)
 	f.Close()
 	if err != nil {
-		return fmt.Errorf("%w: back-end request fd: %v", ErrProtocol, err)
+		return fmt.Errorf("%w: back-end request fd: %v", ErrRejected, err)
 	}
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
 		c.Close()
-		return fmt.Errorf("%w: back-end request fd is not a unix socket", ErrProtocol)
+		return fmt.Errorf("%w: back-end request fd is not a unix socket", ErrRejected)
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -94,6 +94,8 @@ func (b *backendChannel) send(req uint32) error {
 	gotReq, gotFlags, size := binary.LittleEndian.Uint32(reply[0:]), binary.LittleEndian.Uint32(reply[4:]), binary.LittleEndian.Uint32(reply[8:])
 	switch {
 	case gotReq != req || gotFlags&flagReply == 0 || size != 8:
+		// The main connection stays: this fails only the notification
+		// (its caller logs it), on the back-end's own channel.
 		return fmt.Errorf("%w: bad reply to back-end request %d (request %d, flags %#x, size %d)", ErrProtocol, req, gotReq, gotFlags, size)
 	case binary.LittleEndian.Uint64(reply[headerSize:]) != 0:
 		return fmt.Errorf("back-end request %d: the front-end answered failure", req)

@@ -51,8 +51,11 @@ type conn struct {
 	backend  backendChannel  // SET_BACKEND_REQ_FD: for config change notifications
 	inflight *inflightBuffer // SET_INFLIGHT_FD: where the rings track popped chains
 	replyFds []int           // descriptors that go with the next reply (GET_INFLIGHT_FD)
-	// untrackedLogged: a ring larger than the inflight buffer was logged.
+	// untrackedLogged: a ring served without inflight tracking was logged.
 	untrackedLogged bool
+	// rejected logs failed requests, rate-limited: a front-end controls how
+	// many it sends.
+	rejected *virtio.LimitedLog
 
 	// Dirty logging (dirtylog.go): the mapped log from SET_LOG_BASE, the
 	// switch the queues read, and the log it currently logs into.
@@ -65,7 +68,8 @@ type conn struct {
 }
 
 func newConn(sock *net.UnixConn, dev Device, numQueues int, log *logrus.Entry) *conn {
-	c := &conn{sock: sock, dev: dev, log: log, numQueues: numQueues, rings: make([]*vring, numQueues)}
+	c := &conn{sock: sock, dev: dev, log: log, numQueues: numQueues, rings: make([]*vring, numQueues),
+		rejected: virtio.NewLimitedLog(log, logrus.WarnLevel, "failed vhost-user requests")}
 	for i := range c.rings {
 		c.rings[i] = newVring(i)
 	}
@@ -95,6 +99,16 @@ func (c *conn) serve() {
 
 // handle runs one message: check descriptors, decode, dispatch, reply. It
 // returns an error only when the connection must be closed.
+//
+// What closes the connection (each place says why next to it): an
+// ErrProtocol (the stream cannot be followed, a request we do not know, a
+// feature acknowledged that was not offered), and a request with a reply of
+// its own that fails (the front-end waits for an answer we cannot give).
+// Anything else a front-end gets wrong is refused (ErrRejected, or the
+// request's own error): the request changes nothing, a REPLY_ACK says it
+// failed, the failure is logged (rate-limited) and the connection goes on.
+// Where the spec allows something we did not expect (a ring larger than the
+// inflight buffer), we serve it.
 func (c *conn) handle(m *Message) error {
 	defer m.Close()
 	log := c.log.WithField("request", m.Request.String())
@@ -107,11 +121,13 @@ func (c *conn) handle(m *Message) error {
 		return err
 	}
 	if err != nil {
-		log.WithError(err).Warn("request failed")
+		c.rejected.Log(logrus.Fields{"request": m.Request.String(), "error": err.Error()}, "request failed")
 	}
 	if own {
 		if err != nil {
-			return err // a request with its own reply has no way to report failure
+			// Closing: a request with a reply of its own has no way to
+			// report failure, and the front-end waits for the reply.
+			return err
 		}
 		return c.send(m.Request, reply)
 	}
@@ -160,7 +176,7 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 		// these check their descriptors themselves
 	default:
 		if err := noFds(m); err != nil {
-			return nil, false, err
+			return nil, hasOwnReply(m.Request), err
 		}
 	}
 	switch m.Request {
@@ -188,6 +204,10 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 			return nil, false, err
 		}
 		if v&^offeredProtocolFeatures != 0 {
+			// Closing: the front-end would go on using a protocol
+			// feature we do not implement (messages we cannot answer,
+			// layouts we do not know); the spec lets it acknowledge only
+			// what was offered.
 			return nil, false, fmt.Errorf("%w: protocol features %#x were not offered", ErrProtocol, v)
 		}
 		c.protocol = v
@@ -247,7 +267,7 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 			return nil, false, m.wantSize(0)
 		}
 		if c.protocol&(1<<ProtocolFBackendReq) == 0 {
-			return nil, false, fmt.Errorf("%w: SET_BACKEND_REQ_FD without VHOST_USER_PROTOCOL_F_BACKEND_REQ", ErrProtocol)
+			return nil, false, fmt.Errorf("%w: SET_BACKEND_REQ_FD without VHOST_USER_PROTOCOL_F_BACKEND_REQ", ErrRejected)
 		}
 		return nil, false, c.backend.set(m.TakeFd(0), c.protocol&(1<<ProtocolFReplyAck) != 0)
 	case SetConfig:
@@ -275,7 +295,21 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 	case SetInflightFd:
 		return nil, false, c.setInflightFd(m)
 	}
+	// Closing: a request we do not know may be one the front-end waits on
+	// for an answer we cannot give (it would hang); a NACK is no answer to
+	// a request that has a reply of its own. Every request of a feature we
+	// offer is handled above.
 	return nil, false, fmt.Errorf("%w: unsupported request %v", ErrProtocol, m.Request)
+}
+
+// hasOwnReply reports whether the front-end waits for a reply of req's own
+// (not a REPLY_ACK): such a request that fails cannot be answered.
+func hasOwnReply(req Request) bool {
+	switch req {
+	case GetFeatures, GetProtocolFeatures, GetQueueNum, GetMaxMemSlots, GetVringBase, GetConfig, GetInflightFd, SetLogBase:
+		return true
+	}
+	return false
 }
 
 func putVringState(p []byte, index, num uint32) {
@@ -285,7 +319,7 @@ func putVringState(p []byte, index, num uint32) {
 
 func (c *conn) ring(index uint32) (*vring, error) {
 	if index >= uint32(len(c.rings)) {
-		return nil, fmt.Errorf("%w: queue index %d, the device has %d", ErrProtocol, index, len(c.rings))
+		return nil, fmt.Errorf("%w: queue index %d, the device has %d", ErrRejected, index, len(c.rings))
 	}
 	return c.rings[index], nil
 }
@@ -302,6 +336,10 @@ func (c *conn) setFeatures(m *Message) error {
 	}
 	offered := c.offeredFeatures()
 	if v&^offered != 0 {
+		// Closing: the driver would run the rings with a feature we do
+		// not implement (a packed ring read as a split one would be
+		// misparsed); virtio 1.2 2.2: the driver MUST NOT accept a
+		// feature the device did not offer.
 		return fmt.Errorf("%w: features %#x were not offered", ErrProtocol, v&^offered)
 	}
 	// A SET_FEATURES that only turns VHOST_F_LOG_ALL on or off (a migration
@@ -331,7 +369,7 @@ func (c *conn) setVringState(m *Message) error {
 	switch m.Request {
 	case SetVringNum:
 		if st.Num == 0 || st.Num > virtio.MaxQueueSize || st.Num&(st.Num-1) != 0 {
-			return fmt.Errorf("%w: queue size %d", ErrProtocol, st.Num)
+			return fmt.Errorf("%w: queue size %d", ErrRejected, st.Num)
 		}
 		if v.started() {
 			return fmt.Errorf("queue %d: SET_VRING_NUM while the ring runs", v.index)
@@ -339,7 +377,7 @@ func (c *conn) setVringState(m *Message) error {
 		v.num = int(st.Num)
 	case SetVringBase:
 		if st.Num > 0xffff {
-			return fmt.Errorf("%w: vring base %#x (packed rings are not offered)", ErrProtocol, st.Num)
+			return fmt.Errorf("%w: vring base %#x (packed rings are not offered)", ErrRejected, st.Num)
 		}
 		if v.started() {
 			return fmt.Errorf("queue %d: SET_VRING_BASE while the ring runs", v.index)
@@ -347,7 +385,7 @@ func (c *conn) setVringState(m *Message) error {
 		v.base = uint16(st.Num)
 	case SetVringEnable:
 		if st.Num > 1 {
-			return fmt.Errorf("%w: SET_VRING_ENABLE %d", ErrProtocol, st.Num)
+			return fmt.Errorf("%w: SET_VRING_ENABLE %d", ErrRejected, st.Num)
 		}
 		v.enabled.Store(st.Num == 1)
 		v.poke()
@@ -425,6 +463,11 @@ func (c *conn) startRing(v *vring) error {
 	}
 	resumed, err := c.resumeInflight(v, ring)
 	if err != nil {
+		// The ring does not start: resubmitting from a region we cannot
+		// read, or running without it, could complete a chain the guest
+		// already saw completed. The other queues and the connection go
+		// on; the front-end hears of it by the NACK and the error fd.
+		v.err.Notify()
 		return fmt.Errorf("queue %d: %w", v.index, err)
 	}
 	kick, err := newKickWaiter(v.kick)
@@ -597,7 +640,7 @@ func (c *conn) addMemReg(m *Message) error {
 		return err
 	}
 	if len(c.regions) >= maxMemSlots {
-		return fmt.Errorf("%w: more than %d memory regions", ErrProtocol, maxMemSlots)
+		return fmt.Errorf("%w: more than %d memory regions", ErrRejected, maxMemSlots)
 	}
 	mr, err := mapRegion(r, m.TakeFd(0))
 	if err != nil {

@@ -84,9 +84,9 @@ func (im InflightMsg) checkShape(maxQueues int) error {
 	qs := int(im.QueueSize)
 	switch {
 	case im.NumQueues == 0 || int(im.NumQueues) > maxQueues:
-		return fmt.Errorf("%w: inflight buffer for %d queues, the device has %d", ErrProtocol, im.NumQueues, maxQueues)
+		return fmt.Errorf("%w: inflight buffer for %d queues, the device has %d", ErrRejected, im.NumQueues, maxQueues)
 	case qs == 0 || qs > virtio.MaxQueueSize || qs&(qs-1) != 0:
-		return fmt.Errorf("%w: inflight buffer for queues of %d entries", ErrProtocol, qs)
+		return fmt.Errorf("%w: inflight buffer for queues of %d entries", ErrRejected, qs)
 	}
 	return nil
 }
@@ -136,19 +136,19 @@ func mapInflightBuffer(im InflightMsg, fd int, maxQueues int) (*inflightBuffer, 
 	end := im.MmapOffset + im.MmapSize
 	switch {
 	case im.MmapSize < need:
-		return nil, fmt.Errorf("%w: inflight buffer of %d bytes for %d queues of %d entries, want %d", ErrProtocol, im.MmapSize, im.NumQueues, im.QueueSize, need)
+		return nil, fmt.Errorf("%w: inflight buffer of %d bytes for %d queues of %d entries, want %d", ErrRejected, im.MmapSize, im.NumQueues, im.QueueSize, need)
 	case end < im.MmapOffset || end > math.MaxInt:
-		return nil, fmt.Errorf("%w: inflight buffer offset %#x size %#x overflows", ErrProtocol, im.MmapOffset, im.MmapSize)
+		return nil, fmt.Errorf("%w: inflight buffer offset %#x size %#x overflows", ErrRejected, im.MmapOffset, im.MmapSize)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, fmt.Errorf("stat inflight fd: %w", err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
-		return nil, fmt.Errorf("%w: inflight fd is not a memory file", ErrProtocol)
+		return nil, fmt.Errorf("%w: inflight fd is not a memory file", ErrRejected)
 	}
 	if uint64(st.Size) < end {
-		return nil, fmt.Errorf("%w: inflight buffer ends at %#x beyond its file of %#x bytes", ErrProtocol, end, st.Size)
+		return nil, fmt.Errorf("%w: inflight buffer ends at %#x beyond its file of %#x bytes", ErrRejected, end, st.Size)
 	}
 	// Map from offset 0, as for guest memory: mmap wants a page-aligned
 	// offset, which mmap_offset need not be.
@@ -227,15 +227,17 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 		q.init(queueSize, usedIdx)
 		return 0, nil, true, nil
 	case version != inflightVersion:
-		return 0, nil, false, fmt.Errorf("%w: inflight region version %d", ErrProtocol, version)
+		return 0, nil, false, fmt.Errorf("%w: inflight region version %d", ErrRejected, version)
 	case int(q.u16(inflightOffDescNum)) != queueSize:
-		return 0, nil, false, fmt.Errorf("%w: inflight region for %d descriptors, want %d", ErrProtocol, q.u16(inflightOffDescNum), queueSize)
+		return 0, nil, false, fmt.Errorf("%w: inflight region for %d descriptors, want %d", ErrRejected, q.u16(inflightOffDescNum), queueSize)
 	case !q.anyInflight(queueSize):
-		// Nothing to resubmit: whatever the header says (a ring of
-		// another size ran before, the device was reset), the ring
-		// starts where the front-end said, on an empty region.
+		// Nothing to resubmit: whatever else the header says (a stale
+		// batch list), the region starts empty. Popping still continues
+		// after the used index, not at the front-end's base: a front-end
+		// that lost its back-end gives the base it last knew, which may
+		// be older than what was completed since (QEMU does).
 		q.init(queueSize, usedIdx)
-		return 0, nil, true, nil
+		return usedIdx, nil, false, nil
 	}
 	// A batch was published (the used index moved) but its descriptors
 	// were not cleared: clear them now, following the batch list. A
@@ -244,12 +246,12 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 	// trusted.
 	if batch := usedIdx - q.u16(inflightOffUsedIdx); batch != 0 {
 		if int(batch) > ringSize {
-			return 0, nil, false, fmt.Errorf("%w: used index %d, inflight region says %d", ErrProtocol, usedIdx, q.u16(inflightOffUsedIdx))
+			return 0, nil, false, fmt.Errorf("%w: used index %d, inflight region says %d", ErrRejected, usedIdx, q.u16(inflightOffUsedIdx))
 		}
 		head := q.u16(inflightOffLastBatch)
 		for range batch {
 			if int(head) >= ringSize {
-				return 0, nil, false, fmt.Errorf("%w: inflight batch list reaches descriptor %d of %d", ErrProtocol, head, ringSize)
+				return 0, nil, false, fmt.Errorf("%w: inflight batch list reaches descriptor %d of %d", ErrRejected, head, ringSize)
 			}
 			d := q.desc(head)
 			d[descOffInflight] = 0
@@ -269,10 +271,10 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 			continue
 		case 1:
 		default:
-			return 0, nil, false, fmt.Errorf("%w: descriptor %d has inflight flag %d", ErrProtocol, i, d[descOffInflight])
+			return 0, nil, false, fmt.Errorf("%w: descriptor %d has inflight flag %d", ErrRejected, i, d[descOffInflight])
 		}
 		if i >= ringSize {
-			return 0, nil, false, fmt.Errorf("%w: descriptor %d in flight in a ring of %d", ErrProtocol, i, ringSize)
+			return 0, nil, false, fmt.Errorf("%w: descriptor %d in flight in a ring of %d", ErrRejected, i, ringSize)
 		}
 		found = append(found, pending{uint16(i), binary.LittleEndian.Uint64(d[descOffCounter:])})
 	}
@@ -313,18 +315,26 @@ func (q *inflightQueue) anyInflight(queueSize int) bool {
 }
 
 // getInflightFd handles GET_INFLIGHT_FD: a new buffer, whose descriptor goes
-// with the reply.
+// with the reply. A request we cannot make a buffer for is answered with an
+// empty one (mmap_size 0, no descriptor), which front-ends take as "no
+// inflight tracking" (QEMU goes on without it, as with a back-end that
+// could not allocate one): the rings then run untracked.
 func (c *conn) getInflightFd(m *Message) ([]byte, error) {
-	if c.protocol&(1<<ProtocolFInflightShmfd) == 0 {
-		return nil, fmt.Errorf("%w: GET_INFLIGHT_FD without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD", ErrProtocol)
-	}
 	req, err := m.Inflight()
 	if err != nil {
-		return nil, err
+		return nil, err // closing: its payload is no request we can answer
 	}
-	fd, reply, err := newInflightBuffer(req, c.numQueues)
+	if c.protocol&(1<<ProtocolFInflightShmfd) == 0 {
+		err = fmt.Errorf("%w: GET_INFLIGHT_FD without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD", ErrRejected)
+	}
+	var fd int
+	var reply InflightMsg
+	if err == nil {
+		fd, reply, err = newInflightBuffer(req, c.numQueues)
+	}
 	if err != nil {
-		return nil, err
+		c.rejected.Log(logrus.Fields{"request": m.Request.String(), "error": err.Error()}, "no inflight buffer: the rings run without inflight tracking")
+		return InflightMsg{NumQueues: req.NumQueues, QueueSize: req.QueueSize}.encode(), nil
 	}
 	c.replyFds = append(c.replyFds, fd)
 	c.log.WithFields(logrus.Fields{"queues": reply.NumQueues, "queue_size": reply.QueueSize, "bytes": reply.MmapSize}).Debug("inflight buffer created")
@@ -338,7 +348,7 @@ func (c *conn) setInflightFd(m *Message) error {
 		return err
 	}
 	if c.protocol&(1<<ProtocolFInflightShmfd) == 0 {
-		return fmt.Errorf("%w: SET_INFLIGHT_FD without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD", ErrProtocol)
+		return fmt.Errorf("%w: SET_INFLIGHT_FD without VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD", ErrRejected)
 	}
 	im, err := m.Inflight()
 	if err != nil {
@@ -353,6 +363,9 @@ func (c *conn) setInflightFd(m *Message) error {
 	}
 	b, err := mapInflightBuffer(im, fd, c.numQueues)
 	if err != nil {
+		// The rings run untracked rather than on a buffer the front-end
+		// meant to replace.
+		c.dropInflight()
 		return err
 	}
 	c.inflight.unmap()
@@ -376,20 +389,18 @@ func (c *conn) resumeInflight(v *vring, ring *virtio.SplitQueue) (bool, error) {
 	if c.inflight == nil {
 		return false, nil
 	}
-	if v.index >= len(c.inflight.queues) {
-		return false, fmt.Errorf("%w: queue %d has no inflight region (%d)", ErrProtocol, v.index, len(c.inflight.queues))
-	}
-	if v.num > c.inflight.queueSize {
+	if v.index >= len(c.inflight.queues) || v.num > c.inflight.queueSize {
 		// The spec lets the ring be larger than the queue size the
 		// front-end asked the buffer for: QEMU 10 gives 128 in
 		// GET_INFLIGHT_FD and then runs the firmware's ring with 256
 		// entries. Heads beyond the region cannot be recorded, so this
 		// ring runs untracked (a back-end killed meanwhile loses what
 		// was in flight, as without inflight tracking) and the region is
-		// left as it is for the rings that fit.
+		// left as it is for the rings that fit. A queue beyond the
+		// buffer's queue count is served the same way.
 		if !c.untrackedLogged {
 			c.untrackedLogged = true
-			c.log.WithFields(logrus.Fields{"queue": v.index, "size": v.num, "inflight_queue_size": c.inflight.queueSize}).
+			c.log.WithFields(logrus.Fields{"queue": v.index, "size": v.num, "inflight_queues": len(c.inflight.queues), "inflight_queue_size": c.inflight.queueSize}).
 				Info("ring larger than the inflight buffer: serving it without inflight tracking")
 		}
 		return false, nil

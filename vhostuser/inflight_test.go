@@ -471,7 +471,8 @@ func TestInflightAcrossRingRestarts(t *testing.T) {
 
 // TestInflightMessages: GET_INFLIGHT_FD and SET_INFLIGHT_FD are checked
 // like every other message: the feature must be negotiated, sizes match,
-// the buffer must fit its file, descriptors come exactly where they belong.
+// the buffer must fit its file, descriptors come exactly where they belong;
+// what fails leaves the rings untracked and the connection up.
 func TestInflightMessages(t *testing.T) {
 	e := newExport(t, exportOptions{writeback: true})
 	inflightPayload := func(size, offset uint64, queues, qsize uint16) []byte {
@@ -539,31 +540,41 @@ func TestInflightMessages(t *testing.T) {
 		waitIdle(t, e)
 	})
 
-	// Each is a protocol error: the back-end NACKs it or not, and drops the
-	// connection.
+	// A GET_INFLIGHT_FD we cannot make a buffer for is answered with an
+	// empty one (no descriptor: no inflight tracking), a bad SET_INFLIGHT_FD
+	// is NACKed; the connection goes on. Only a request we cannot answer at
+	// all (a GET_INFLIGHT_FD whose payload is no inflight description)
+	// closes it.
+	type outcome int
+	const (
+		emptyBuffer outcome = iota
+		nack
+		closes
+	)
 	for _, tc := range []struct {
 		name    string
 		inflght bool // negotiate the feature
 		req     vhostuser.Request
 		payload []byte
 		fds     func() []int
+		want    outcome
 	}{
-		{"get without the feature", false, vhostuser.GetInflightFd, inflightPayload(0, 0, 1, 128), nil},
-		{"get with a short payload", true, vhostuser.GetInflightFd, make([]byte, 20), nil},
-		{"get for too many queues", true, vhostuser.GetInflightFd, inflightPayload(0, 0, diskQueues+1, 128), nil},
-		{"get for queues of 100 entries", true, vhostuser.GetInflightFd, inflightPayload(0, 0, 1, 100), nil},
-		{"get with a descriptor", true, vhostuser.GetInflightFd, inflightPayload(0, 0, 1, 128), func() []int { return []int{memfd(4096)} }},
-		{"set without the feature", false, vhostuser.SetInflightFd, inflightPayload(per, 0, 1, 128), func() []int { return []int{memfd(int64(per))} }},
-		{"set without a descriptor", true, vhostuser.SetInflightFd, inflightPayload(per, 0, 1, 128), nil},
-		{"set beyond its file", true, vhostuser.SetInflightFd, inflightPayload(per, 4096, 1, 128), func() []int { return []int{memfd(int64(per))} }},
-		{"set too small", true, vhostuser.SetInflightFd, inflightPayload(per-64, 0, 1, 128), func() []int { return []int{memfd(int64(per))} }},
-		{"set overflowing", true, vhostuser.SetInflightFd, inflightPayload(per, ^uint64(0)-100, 1, 128), func() []int { return []int{memfd(int64(per))} }},
+		{"get without the feature", false, vhostuser.GetInflightFd, inflightPayload(0, 0, 1, 128), nil, emptyBuffer},
+		{"get with a short payload", true, vhostuser.GetInflightFd, make([]byte, 20), nil, closes},
+		{"get for too many queues", true, vhostuser.GetInflightFd, inflightPayload(0, 0, diskQueues+1, 128), nil, emptyBuffer},
+		{"get for queues of 100 entries", true, vhostuser.GetInflightFd, inflightPayload(0, 0, 1, 100), nil, emptyBuffer},
+		{"get with a descriptor", true, vhostuser.GetInflightFd, inflightPayload(0, 0, 1, 128), func() []int { return []int{memfd(4096)} }, closes},
+		{"set without the feature", false, vhostuser.SetInflightFd, inflightPayload(per, 0, 1, 128), func() []int { return []int{memfd(int64(per))} }, nack},
+		{"set without a descriptor", true, vhostuser.SetInflightFd, inflightPayload(per, 0, 1, 128), nil, nack},
+		{"set beyond its file", true, vhostuser.SetInflightFd, inflightPayload(per, 4096, 1, 128), func() []int { return []int{memfd(int64(per))} }, nack},
+		{"set too small", true, vhostuser.SetInflightFd, inflightPayload(per-64, 0, 1, 128), func() []int { return []int{memfd(int64(per))} }, nack},
+		{"set overflowing", true, vhostuser.SetInflightFd, inflightPayload(per, ^uint64(0)-100, 1, 128), func() []int { return []int{memfd(int64(per))} }, nack},
 		{"set on a pipe", true, vhostuser.SetInflightFd, inflightPayload(per, 0, 1, 128), func() []int {
 			var p [2]int
 			unix.Pipe2(p[:], unix.O_CLOEXEC)
 			t.Cleanup(func() { unix.Close(p[0]); unix.Close(p[1]) })
 			return p[:1]
-		}},
+		}, nack},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dial()
@@ -575,7 +586,25 @@ func TestInflightMessages(t *testing.T) {
 			if err := c.Send(tc.req, frontend.FlagVersion|frontend.FlagNeedReply, tc.payload, fds); err != nil {
 				t.Fatal(err)
 			}
-			expectDisconnect(t, c)
+			switch tc.want {
+			case closes:
+				expectDisconnect(t, c)
+			case emptyBuffer:
+				r, err := c.ReadReply()
+				if err != nil || r.Request != vhostuser.GetInflightFd || len(r.Payload) != 24 || binary.LittleEndian.Uint64(r.Payload) != 0 {
+					t.Fatalf("reply %+v, %v; want an empty inflight buffer", r, err)
+				}
+			case nack:
+				r, err := c.ReadReply()
+				if err != nil || len(r.Payload) != 8 || binary.LittleEndian.Uint64(r.Payload) == 0 {
+					t.Fatalf("reply %+v, %v; want a NACK", r, err)
+				}
+			}
+			if tc.want != closes {
+				if _, err := c.GetFeatures(); err != nil {
+					t.Fatalf("the connection did not go on: %v", err)
+				}
+			}
 			c.Close()
 			waitIdle(t, e)
 		})

@@ -23,18 +23,18 @@ func mapRegion(r MemRegion, fd int) (*mappedRegion, error) {
 	end := r.MmapOffset + r.MemorySize
 	switch {
 	case r.MemorySize == 0:
-		return nil, fmt.Errorf("%w: empty memory region at gpa %#x", ErrProtocol, r.GuestPhysAddr)
+		return nil, fmt.Errorf("%w: empty memory region at gpa %#x", ErrRejected, r.GuestPhysAddr)
 	case end < r.MmapOffset || end > math.MaxInt:
-		return nil, fmt.Errorf("%w: memory region offset %#x size %#x overflows", ErrProtocol, r.MmapOffset, r.MemorySize)
+		return nil, fmt.Errorf("%w: memory region offset %#x size %#x overflows", ErrRejected, r.MmapOffset, r.MemorySize)
 	case r.GuestPhysAddr+r.MemorySize-1 < r.GuestPhysAddr || r.UserspaceAddr+r.MemorySize-1 < r.UserspaceAddr:
-		return nil, fmt.Errorf("%w: memory region at gpa %#x wraps the address space", ErrProtocol, r.GuestPhysAddr)
+		return nil, fmt.Errorf("%w: memory region at gpa %#x wraps the address space", ErrRejected, r.GuestPhysAddr)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, fmt.Errorf("stat guest memory fd: %w", err)
 	}
 	if st.Mode&unix.S_IFMT == unix.S_IFREG && uint64(st.Size) < end {
-		return nil, fmt.Errorf("%w: memory region ends at %#x beyond its file of %#x bytes", ErrProtocol, end, st.Size)
+		return nil, fmt.Errorf("%w: memory region ends at %#x beyond its file of %#x bytes", ErrRejected, end, st.Size)
 	}
 	// Map from offset 0, as libvhost-user does: hugetlbfs wants offsets
 	// aligned to its page size, which mmap_offset need not be.
@@ -68,7 +68,7 @@ func buildMemory(regions []*mappedRegion) (*virtio.GuestMemory, error) {
 	}
 	mem, err := virtio.NewGuestMemory(rs)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrProtocol, err)
+		return nil, fmt.Errorf("%w: %w", ErrRejected, err)
 	}
 	return mem, nil
 }

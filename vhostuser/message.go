@@ -10,10 +10,19 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ErrProtocol is returned when the front-end breaks the protocol: a bad
-// header, an unknown request, a payload of the wrong size, descriptors where
-// none belong. The connection is closed after it.
+// ErrProtocol is returned when the front-end breaks the protocol in a way
+// that leaves no safe way to go on: the message stream cannot be followed
+// (a bad header, a truncated message, descriptors lost), a request we cannot
+// answer while the front-end waits for the answer, or a feature we do not
+// implement. The connection is closed after it. Every place that returns it
+// says why next to it.
 var ErrProtocol = errors.New("vhost-user protocol error")
+
+// ErrRejected is returned when a request is refused but the connection goes
+// on: the request was well framed, it changed nothing, and it is NACKed
+// (REPLY_ACK) like any failed request. A front-end that sends a bad value in
+// one request keeps its other queues and its next requests.
+var ErrRejected = errors.New("vhost-user request rejected")
 
 // Message is one vhost-user message: a header, its payload and the file
 // descriptors that came with it. Received descriptors are owned by the
@@ -47,6 +56,8 @@ func (m *Message) TakeFd(i int) int {
 
 // DecodeHeader decodes the 12-byte header and checks it.
 func DecodeHeader(b []byte) (req Request, flags, size uint32, err error) {
+	// Closing: the stream cannot be followed past a header we cannot read
+	// (the version, the size that says where the next message starts).
 	if len(b) < headerSize {
 		return 0, 0, 0, fmt.Errorf("%w: short header (%d bytes)", ErrProtocol, len(b))
 	}
@@ -56,9 +67,13 @@ func DecodeHeader(b []byte) (req Request, flags, size uint32, err error) {
 	if flags&flagVersionMk != flagVersion {
 		return 0, 0, 0, fmt.Errorf("%w: version %d in flags %#x", ErrProtocol, flags&flagVersionMk, flags)
 	}
+	// Closing: a reply where a request must be means the two sides no
+	// longer agree on who waits for whom.
 	if flags&flagReply != 0 {
 		return 0, 0, 0, fmt.Errorf("%w: %v sent with the reply flag", ErrProtocol, req)
 	}
+	// Closing: no message is that large; reading it would mean buffering
+	// what a front-end chose to send.
 	if size > maxPayload {
 		return 0, 0, 0, fmt.Errorf("%w: %v payload of %d bytes", ErrProtocol, req, size)
 	}
@@ -85,9 +100,13 @@ func ReadMessage(conn *net.UnixConn) (*Message, error) {
 		return nil, io.EOF
 	}
 	if ferr != nil || flags&unix.MSG_CTRUNC != 0 {
+		// Closing: descriptors were lost, so the message is not the one
+		// the front-end sent, and it believes we own descriptors we never
+		// got.
 		m.Close()
 		return nil, fmt.Errorf("%w: bad or too many file descriptors (%v)", ErrProtocol, ferr)
 	}
+	// Closing (both): a message cut short leaves the stream out of step.
 	if n < headerSize {
 		if _, err := io.ReadFull(conn, hdr[n:]); err != nil {
 			m.Close()
@@ -143,7 +162,7 @@ func encodeReply(req Request, payload []byte) []byte {
 
 func (m *Message) wantSize(n int) error {
 	if len(m.Payload) != n {
-		return fmt.Errorf("%w: %v payload is %d bytes, want %d", ErrProtocol, m.Request, len(m.Payload), n)
+		return fmt.Errorf("%w: %v payload is %d bytes, want %d", ErrRejected, m.Request, len(m.Payload), n)
 	}
 	return nil
 }
@@ -151,7 +170,7 @@ func (m *Message) wantSize(n int) error {
 // wantFds checks that exactly n descriptors came with the message.
 func (m *Message) wantFds(n int) error {
 	if len(m.Fds) != n {
-		return fmt.Errorf("%w: %v came with %d file descriptors, want %d", ErrProtocol, m.Request, len(m.Fds), n)
+		return fmt.Errorf("%w: %v came with %d file descriptors, want %d", ErrRejected, m.Request, len(m.Fds), n)
 	}
 	return nil
 }
@@ -204,7 +223,7 @@ func (m *Message) VringFile() (index uint32, hasFd bool, err error) {
 		return 0, false, err
 	}
 	if v&^uint64(vringIdxMask|vringNoFdMask) != 0 {
-		return 0, false, fmt.Errorf("%w: %v payload %#x has unknown bits", ErrProtocol, m.Request, v)
+		return 0, false, fmt.Errorf("%w: %v payload %#x has unknown bits", ErrRejected, m.Request, v)
 	}
 	hasFd = v&vringNoFdMask == 0
 	want := 0
@@ -233,15 +252,15 @@ func decodeMemRegion(p []byte) MemRegion {
 // descriptor per region.
 func (m *Message) MemTable() ([]MemRegion, error) {
 	if len(m.Payload) < 8 {
-		return nil, fmt.Errorf("%w: SET_MEM_TABLE payload of %d bytes", ErrProtocol, len(m.Payload))
+		return nil, fmt.Errorf("%w: SET_MEM_TABLE payload of %d bytes", ErrRejected, len(m.Payload))
 	}
 	n := binary.LittleEndian.Uint32(m.Payload)
 	if n == 0 || n > maxMemTableRegions {
-		return nil, fmt.Errorf("%w: SET_MEM_TABLE with %d regions", ErrProtocol, n)
+		return nil, fmt.Errorf("%w: SET_MEM_TABLE with %d regions", ErrRejected, n)
 	}
 	// QEMU sends the whole fixed-size array; accept that or just n entries.
 	if len(m.Payload) != 8+int(n)*memRegionSize && len(m.Payload) != 8+maxMemTableRegions*memRegionSize {
-		return nil, fmt.Errorf("%w: SET_MEM_TABLE payload of %d bytes for %d regions", ErrProtocol, len(m.Payload), n)
+		return nil, fmt.Errorf("%w: SET_MEM_TABLE payload of %d bytes for %d regions", ErrRejected, len(m.Payload), n)
 	}
 	if err := m.wantFds(int(n)); err != nil {
 		return nil, err
@@ -270,15 +289,15 @@ type ConfigMsg struct {
 // Config decodes a config payload: offset, size, flags, then size bytes.
 func (m *Message) Config() (ConfigMsg, error) {
 	if len(m.Payload) < 12 {
-		return ConfigMsg{}, fmt.Errorf("%w: %v payload of %d bytes", ErrProtocol, m.Request, len(m.Payload))
+		return ConfigMsg{}, fmt.Errorf("%w: %v payload of %d bytes", ErrRejected, m.Request, len(m.Payload))
 	}
 	le := binary.LittleEndian
 	c := ConfigMsg{Offset: le.Uint32(m.Payload), Size: le.Uint32(m.Payload[4:]), Flags: le.Uint32(m.Payload[8:])}
 	if c.Size > maxConfigSize || c.Offset > maxConfigSize || c.Size+c.Offset > maxConfigSize {
-		return ConfigMsg{}, fmt.Errorf("%w: config offset %d size %d", ErrProtocol, c.Offset, c.Size)
+		return ConfigMsg{}, fmt.Errorf("%w: config offset %d size %d", ErrRejected, c.Offset, c.Size)
 	}
 	if len(m.Payload) != 12+int(c.Size) {
-		return ConfigMsg{}, fmt.Errorf("%w: %v payload of %d bytes for %d config bytes", ErrProtocol, m.Request, len(m.Payload), c.Size)
+		return ConfigMsg{}, fmt.Errorf("%w: %v payload of %d bytes for %d config bytes", ErrRejected, m.Request, len(m.Payload), c.Size)
 	}
 	c.Data = m.Payload[12:]
 	return c, nil

@@ -220,7 +220,7 @@ func TestReadMessage(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := noFds(m); !errors.Is(err, ErrProtocol) {
+		if err := noFds(m); !errors.Is(err, ErrRejected) {
 			t.Fatalf("noFds: %v", err)
 		}
 		m.Close()
@@ -365,8 +365,10 @@ func TestPayloadDecoders(t *testing.T) {
 			m := &Message{Request: SetMemTable, Flags: flagVersion, Payload: c.payload, Fds: fakeFds(c.fds)}
 			got, err := c.decode(m)
 			if c.want == nil {
-				if !errors.Is(err, ErrProtocol) {
-					t.Fatalf("got %+v, %v; want ErrProtocol", got, err)
+				// A well-framed request with a bad payload is rejected
+				// (NACKed); the connection goes on.
+				if !errors.Is(err, ErrRejected) {
+					t.Fatalf("got %+v, %v; want ErrRejected", got, err)
 				}
 				return
 			}

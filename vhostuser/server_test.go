@@ -443,8 +443,12 @@ func header(req vhostuser.Request, flags, size uint32) []byte {
 	return binary.LittleEndian.AppendUint32(b, size)
 }
 
-// TestMalformedMessages sends each bad message on a fresh connection: the
-// back-end must drop that connection, then serve the next front-end.
+// TestMalformedMessages sends each bad message on a fresh connection. The
+// back-end drops the connection only where going on is unsafe (the stream
+// cannot be followed, a request it cannot answer is waiting for its answer,
+// a feature it does not implement would be used); a well-framed request with
+// a bad value is refused and the connection goes on. Either way the next
+// front-end is served.
 func TestMalformedMessages(t *testing.T) {
 	e := newExport(t, exportOptions{writeback: true})
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
@@ -453,31 +457,35 @@ func TestMalformedMessages(t *testing.T) {
 	}
 	defer unix.Close(efd)
 	const v = frontend.FlagVersion
+	const closes, rejected = true, false
 	u64 := func(x uint64) []byte { return binary.LittleEndian.AppendUint64(nil, x) }
 	cases := []struct {
-		name string
-		msg  []byte
-		fds  []int
+		name   string
+		msg    []byte
+		fds    []int
+		closes bool
 	}{
-		{"unknown request", header(99, v|frontend.FlagNeedReply, 0), nil},
-		{"unsupported request", append(header(vhostuser.SetLogBase, v, 8), u64(0)...), nil},
-		{"version 0", header(vhostuser.GetFeatures, 0, 0), nil},
-		{"version 2", header(vhostuser.GetFeatures, 2, 0), nil},
-		{"reply flag from the front-end", header(vhostuser.GetFeatures, v|frontend.FlagReply, 0), nil},
-		{"oversized payload", header(vhostuser.SetFeatures, v, 1<<20), nil},
-		{"wrong payload size", append(header(vhostuser.SetVringNum, v, 4), 0, 0, 0, 0), nil},
-		{"payload on GET_FEATURES", append(header(vhostuser.GetFeatures, v, 8), u64(0)...), nil},
-		{"descriptor on GET_FEATURES", header(vhostuser.GetFeatures, v, 0), []int{efd}},
-		{"descriptor on SET_VRING_NUM", append(header(vhostuser.SetVringNum, v, 8), make([]byte, 8)...), []int{efd}},
-		{"SET_MEM_TABLE without descriptors", append(header(vhostuser.SetMemTable, v, 40), append([]byte{1, 0, 0, 0, 0, 0, 0, 0}, make([]byte, 32)...)...), nil},
-		{"SET_VRING_KICK with NOFD and a descriptor", append(header(vhostuser.SetVringKick, v, 8), u64(1<<8)...), []int{efd}},
-		{"SET_VRING_CALL with unknown bits", append(header(vhostuser.SetVringCall, v, 8), u64(1<<9)...), []int{efd}},
-		{"queue index out of range", append(header(vhostuser.SetVringNum, v, 8), 200, 0, 0, 0, 0, 1, 0, 0), nil},
-		{"config beyond 256 bytes", append(header(vhostuser.GetConfig, v, 12), 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0), nil},
-		{"features not offered", append(header(vhostuser.SetFeatures, v, 8), u64(1<<63)...), nil},
-		{"SET_BACKEND_REQ_FD without a descriptor", append(header(vhostuser.SetBackendReqFd, v, 8), u64(0)...), nil},
-		{"SET_BACKEND_REQ_FD not negotiated", append(header(vhostuser.SetBackendReqFd, v, 8), u64(0)...), []int{efd}},
-		{"truncated payload", header(vhostuser.SetFeatures, v, 8), nil},
+		{"unknown request", header(99, v|frontend.FlagNeedReply, 0), nil, closes},
+		{"unsupported request (POSTCOPY_ADVISE)", header(28, v, 0), nil, closes},
+		{"version 0", header(vhostuser.GetFeatures, 0, 0), nil, closes},
+		{"version 2", header(vhostuser.GetFeatures, 2, 0), nil, closes},
+		{"reply flag from the front-end", header(vhostuser.GetFeatures, v|frontend.FlagReply, 0), nil, closes},
+		{"oversized payload", header(vhostuser.SetFeatures, v, 1<<20), nil, closes},
+		{"wrong payload size", append(header(vhostuser.SetVringNum, v, 4), 0, 0, 0, 0), nil, rejected},
+		{"payload on GET_FEATURES", append(header(vhostuser.GetFeatures, v, 8), u64(0)...), nil, closes},
+		{"descriptor on GET_FEATURES", header(vhostuser.GetFeatures, v, 0), []int{efd}, closes},
+		{"descriptor on SET_VRING_NUM", append(header(vhostuser.SetVringNum, v, 8), make([]byte, 8)...), []int{efd}, rejected},
+		{"SET_MEM_TABLE without descriptors", append(header(vhostuser.SetMemTable, v, 40), append([]byte{1, 0, 0, 0, 0, 0, 0, 0}, make([]byte, 32)...)...), nil, rejected},
+		{"SET_VRING_KICK with NOFD and a descriptor", append(header(vhostuser.SetVringKick, v, 8), u64(1<<8)...), []int{efd}, rejected},
+		{"SET_VRING_CALL with unknown bits", append(header(vhostuser.SetVringCall, v, 8), u64(1<<9)...), []int{efd}, rejected},
+		{"queue index out of range", append(header(vhostuser.SetVringNum, v, 8), 200, 0, 0, 0, 0, 1, 0, 0), nil, rejected},
+		{"queue size not a power of two", append(header(vhostuser.SetVringNum, v, 8), 0, 0, 0, 0, 100, 0, 0, 0), nil, rejected},
+		{"GET_VRING_BASE index out of range", append(header(vhostuser.GetVringBase, v, 8), 200, 0, 0, 0, 0, 0, 0, 0), nil, closes},
+		{"config beyond 256 bytes", append(header(vhostuser.GetConfig, v, 12), 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0), nil, closes},
+		{"features not offered", append(header(vhostuser.SetFeatures, v, 8), u64(1<<63)...), nil, closes},
+		{"SET_BACKEND_REQ_FD without a descriptor", append(header(vhostuser.SetBackendReqFd, v, 8), u64(0)...), nil, rejected},
+		{"SET_BACKEND_REQ_FD not negotiated", append(header(vhostuser.SetBackendReqFd, v, 8), u64(0)...), []int{efd}, rejected},
+		{"truncated payload", header(vhostuser.SetFeatures, v, 8), nil, closes},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -489,11 +497,18 @@ func TestMalformedMessages(t *testing.T) {
 			if err := conn.SendRaw(c.msg, c.fds); err != nil {
 				t.Fatal(err)
 			}
-			if c.name == "truncated payload" {
+			switch {
+			case c.name == "truncated payload":
 				// The rest never comes: the front-end hangs up mid-message.
 				conn.Close()
-			} else {
+			case c.closes:
 				expectDisconnect(t, conn)
+			default:
+				// Refused, and the connection answers the next request.
+				if _, err := conn.GetFeatures(); err != nil {
+					t.Fatalf("the connection did not go on: %v", err)
+				}
+				conn.Close()
 			}
 			d := connect(t, e, frontend.Options{})
 			if err := d.Queue(0).Write(8, pattern(8, 4096)); err != nil {

@@ -58,8 +58,8 @@ type BlkDevice struct {
 	engine *backend.Engine
 	cfg    BlkConfig
 	log    *logrus.Entry
-	glog   *limitedLog // bad requests from the guest
-	slog   *limitedLog // failed store operations
+	glog   *LimitedLog // bad requests from the guest
+	slog   *LimitedLog // failed store operations
 
 	mu        sync.Mutex
 	features  uint64 // acknowledged by the driver
@@ -80,8 +80,8 @@ func NewBlkDevice(engine *backend.Engine, cfg BlkConfig, log *logrus.Entry) *Blk
 	if cfg.BlockSize == 0 {
 		cfg.BlockSize = SectorSize
 	}
-	d := &BlkDevice{engine: engine, cfg: cfg, log: log, glog: newLimitedLog(log, logrus.WarnLevel, "guest errors"),
-		slog: newLimitedLog(log, logrus.ErrorLevel, "storage errors"), writeback: cfg.Writeback}
+	d := &BlkDevice{engine: engine, cfg: cfg, log: log, glog: NewLimitedLog(log, logrus.WarnLevel, "guest errors"),
+		slog: NewLimitedLog(log, logrus.ErrorLevel, "storage errors"), writeback: cfg.Writeback}
 	d.capacity.Store(cfg.Capacity)
 	d.pool.New = func() any { return &blkReq{dev: d} }
 	engine.SetWriteThrough(!cfg.Writeback)

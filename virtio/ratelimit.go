@@ -7,13 +7,13 @@ import (
 	"github.com/sirupsen/logrus"
 )
 
-// limitedLog logs at one level (warning for problems the guest caused, error
+// LimitedLog logs at one level (warning for problems the guest caused, error
 // for failing storage), at most burst lines per interval; the rest go to
 // debug level and are counted, and the count is logged when the next
 // interval starts. A hostile guest, or a disk that fails every request,
 // cannot flood the host's log, and the first lines of every burst still say
 // what went wrong.
-type limitedLog struct {
+type LimitedLog struct {
 	log      *logrus.Entry
 	level    logrus.Level
 	what     string // names the lines in the "suppressed" message
@@ -26,12 +26,12 @@ type limitedLog struct {
 	suppressed int
 }
 
-func newLimitedLog(log *logrus.Entry, level logrus.Level, what string) *limitedLog {
-	return &limitedLog{log: log, level: level, what: what, interval: 10 * time.Second, burst: 10}
+func NewLimitedLog(log *logrus.Entry, level logrus.Level, what string) *LimitedLog {
+	return &LimitedLog{log: log, level: level, what: what, interval: 10 * time.Second, burst: 10}
 }
 
 // Log logs msg with fields, or counts it when the burst is used up.
-func (g *limitedLog) Log(fields logrus.Fields, msg string) {
+func (g *LimitedLog) Log(fields logrus.Fields, msg string) {
 	g.mu.Lock()
 	now := time.Now()
 	if now.Sub(g.start) >= g.interval {

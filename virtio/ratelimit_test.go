@@ -22,7 +22,7 @@ func TestLimitedLog(t *testing.T) {
 			logger.SetOutput(io.Discard)
 			logger.SetLevel(logrus.DebugLevel)
 			hook := test.NewLocal(logger)
-			l := newLimitedLog(logrus.NewEntry(logger), tc.level, "things")
+			l := NewLimitedLog(logrus.NewEntry(logger), tc.level, "things")
 			l.interval = 200 * time.Millisecond
 			for i := 0; i < 25; i++ {
 				l.Log(logrus.Fields{"i": i}, "it failed")

@@ -7,7 +7,8 @@
 #   E2E FAIL <check> <detail>
 # and the phase ends with "E2E done <phase>". The host knows which checks each phase must report,
 # so a script that stops early fails the test. Parameters come on the kernel command line:
-#   vublk.phase=  main | reconnect | verify | crashwork | service | restart | bench | migrate
+#   vublk.phase=  main | reconnect | verify | crashwork | service | restart | bench | options |
+#                 interop | migrate | ...
 #   vublk.size=   expected size of /dev/vda in bytes
 #   vublk.serial= expected serial of /dev/vda
 #   vublk.rosize= expected size of the read-only /dev/vdb
@@ -423,8 +424,43 @@ phase_migrate() {
 	done
 }
 
+# pattern_md5 BYTE_OCTAL MIB: the md5 of MIB MiB of one repeated byte (qemu-io write -P).
+pattern_md5() { dd if=/dev/zero bs=1M count="$2" 2>/dev/null | tr '\000' "\\$1" | md5sum | cut -d' ' -f1; }
+
+phase_options() {
+	# One disk per device option set (the host names them in vublk.optdisks, with the queue count
+	# each must have in vublk.optqueues): each passes the same data checks.
+	i=1
+	for d in $(echo "$(param optdisks)" | tr , ' '); do
+		q=$(echo "$(param optqueues)" | cut -d, -f$i)
+		i=$((i + 1))
+		expect "${d}_size" "$(blockdev --getsize64 /dev/$d)" "$SIZE"
+		expect "${d}_queues" "$(ls /sys/block/$d/mq | wc -l)" "$q"
+		# Feature bit 34 (VIRTIO_F_RING_PACKED) is character 35: vublk offers split rings only.
+		expect "${d}_split_ring" "$(cut -c35 /sys/block/$d/device/features)" 0
+		run "${d}_fio_verify" $T/fio --name=v --filename=/dev/$d --thread --direct=1 --ioengine=libaio \
+			--iodepth=32 --rw=randwrite --bs=4k --size=8M --numjobs=2 --offset_increment=8M \
+			--verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting
+		dd if=/dev/urandom of=/dev/$d bs=1M seek=32 count=4 oflag=direct 2>/dev/null
+		run "${d}_discard" $T/blkdiscard -o $((32 << 20)) -l $((2 << 20)) /dev/$d
+		expect "${d}_discard_zeros" "$(dev_md5 /dev/$d 32 2)" "$(zeros_md5 2)"
+		run "${d}_write_zeroes" $T/blkdiscard -z -o $((34 << 20)) -l $((2 << 20)) /dev/$d
+		expect "${d}_write_zeroes_zeros" "$(dev_md5 /dev/$d 34 2)" "$(zeros_md5 2)"
+		run "${d}_flush" dd if=/dev/urandom of=/dev/$d bs=64k seek=1000 count=16 conv=fsync
+	done
+}
+
+phase_interop() {
+	# libblkio (qemu-io on the host) wrote 4 MiB of 0x5a at 0; this guest reads it, then writes
+	# 4 MiB of 0xa5 at 4 MiB for libblkio to read back.
+	expect interop_read "$(dev_md5 /dev/vda 0 4)" "$(pattern_md5 132 4)"
+	run interop_write sh -c "dd if=/dev/zero bs=1M count=4 2>/dev/null | tr '\\000' '\\245' | dd of=/dev/vda bs=1M seek=4 oflag=direct conv=fsync 2>/dev/null"
+}
+
 case "$PHASE" in
 main) phase_main ;;
+options) phase_options ;;
+interop) phase_interop ;;
 reconnect) phase_reconnect ;;
 verify) phase_verify ;;
 crashwork) phase_crashwork ;;
