@@ -27,6 +27,11 @@ type Device interface {
 	// ProcessQueue pops and starts every available request of q. An error
 	// means the ring is broken and must not be processed again.
 	ProcessQueue(q *virtio.Queue) error
+	// Sync makes every write the device has completed durable on its
+	// store (drain, then sync). It runs when the front-end has stopped
+	// every ring (a migration's handover, a VM stop), so that another
+	// host reading the same storage sees what the guest saw complete.
+	Sync() error
 }
 
 // conn is the back-end side of one front-end connection. Messages are handled
@@ -51,6 +56,15 @@ type conn struct {
 	// rejected logs failed requests, rate-limited: a front-end controls how
 	// many it sends.
 	rejected *virtio.LimitedLog
+
+	// Dirty logging (dirtylog.go): the mapped log from SET_LOG_BASE, the
+	// switch the queues read, and the log it currently logs into.
+	logMap    *logMapping
+	logger    virtio.DirtyLogger
+	logActive *logMapping
+	logFd     eventNotifier // SET_LOG_FD; kept and closed, never signalled
+	// featuresAcked: SET_FEATURES came since the connection or the last reset.
+	featuresAcked bool
 }
 
 func newConn(sock *net.UnixConn, dev Device, numQueues int, log *logrus.Entry) *conn {
@@ -157,7 +171,8 @@ func noFds(m *Message) error { return m.wantFds(0) }
 // asked for.
 func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 	switch m.Request {
-	case SetMemTable, AddMemReg, RemMemReg, SetVringKick, SetVringCall, SetVringErr, SetBackendReqFd, SetInflightFd:
+	case SetMemTable, AddMemReg, RemMemReg, SetVringKick, SetVringCall, SetVringErr, SetBackendReqFd, SetInflightFd,
+		SetLogBase, SetLogFd:
 		// these check their descriptors themselves
 	default:
 		if err := noFds(m); err != nil {
@@ -172,7 +187,7 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 		var v uint64
 		switch m.Request {
 		case GetFeatures:
-			v = c.dev.Features() | 1<<FProtocolFeatures
+			v = c.offeredFeatures()
 		case GetProtocolFeatures:
 			v = offeredProtocolFeatures
 		case GetQueueNum:
@@ -228,6 +243,9 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 		v.closeKick()
 		v.enabled.Store(false)
 		c.log.WithFields(logrus.Fields{"queue": v.index, "base": v.base}).Debug("ring stopped")
+		if err := c.handover(); err != nil {
+			return nil, true, err
+		}
 		p := make([]byte, 8)
 		putVringState(p, st.Index, uint32(v.base))
 		return p, true, nil
@@ -261,6 +279,19 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 	case GetInflightFd:
 		reply, err := c.getInflightFd(m)
 		return reply, true, err
+	case SetLogBase:
+		// The back-end answers once it logs into the new log
+		// (vhost-user.rst: SET_LOG_BASE has a reply with LOG_SHMFD).
+		return u64Payload(0), true, c.setLogBase(m)
+	case SetLogFd:
+		if err := m.wantFds(1); err != nil {
+			return nil, false, err
+		}
+		if err := m.wantSize(0); err != nil && len(m.Payload) != 8 {
+			return nil, false, err
+		}
+		c.logFd.set(m.TakeFd(0), "log-fd")
+		return nil, false, nil
 	case SetInflightFd:
 		return nil, false, c.setInflightFd(m)
 	}
@@ -275,7 +306,7 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 // (not a REPLY_ACK): such a request that fails cannot be answered.
 func hasOwnReply(req Request) bool {
 	switch req {
-	case GetFeatures, GetProtocolFeatures, GetQueueNum, GetMaxMemSlots, GetVringBase, GetConfig, GetInflightFd:
+	case GetFeatures, GetProtocolFeatures, GetQueueNum, GetMaxMemSlots, GetVringBase, GetConfig, GetInflightFd, SetLogBase:
 		return true
 	}
 	return false
@@ -293,12 +324,17 @@ func (c *conn) ring(index uint32) (*vring, error) {
 	return c.rings[index], nil
 }
 
+// vhostFeatures are the feature bits of the vhost-user layer, not the device's.
+const vhostFeatures = 1<<FProtocolFeatures | 1<<FLogAll
+
+func (c *conn) offeredFeatures() uint64 { return c.dev.Features() | vhostFeatures }
+
 func (c *conn) setFeatures(m *Message) error {
 	v, err := m.U64()
 	if err != nil {
 		return err
 	}
-	offered := c.dev.Features() | 1<<FProtocolFeatures
+	offered := c.offeredFeatures()
 	if v&^offered != 0 {
 		// Closing: the driver would run the rings with a feature we do
 		// not implement (a packed ring read as a split one would be
@@ -306,8 +342,15 @@ func (c *conn) setFeatures(m *Message) error {
 		// feature the device did not offer.
 		return fmt.Errorf("%w: features %#x were not offered", ErrProtocol, v&^offered)
 	}
-	c.features = v
-	c.dev.SetFeatures(v &^ (1 << FProtocolFeatures))
+	// A SET_FEATURES that only turns VHOST_F_LOG_ALL on or off (a migration
+	// starting or ending while the guest runs) leaves the device alone: its
+	// cache mode, which the guest may have changed, stays as it is.
+	logToggle := c.featuresAcked && v != c.features && (v^c.features)&^(1<<FLogAll) == 0
+	c.features, c.featuresAcked = v, true
+	if !logToggle {
+		c.dev.SetFeatures(v &^ vhostFeatures)
+	}
+	c.updateLogging()
 	c.log.WithField("features", fmt.Sprintf("%#x", v)).Debug("features acknowledged")
 	return nil
 }
@@ -431,7 +474,10 @@ func (c *conn) startRing(v *vring) error {
 	if err != nil {
 		return fmt.Errorf("queue %d: %w", v.index, err)
 	}
-	v.q = &virtio.Queue{Index: v.index, Ring: ring, Mem: c.mem, Notify: &v.call}
+	if v.addr.Flags&VringFLog != 0 {
+		ring.SetUsedLog(&c.logger, v.addr.Log)
+	}
+	v.q = &virtio.Queue{Index: v.index, Ring: ring, Mem: c.mem, Notify: &v.call, Log: &c.logger}
 	v.waiter = kick
 	v.broken.Store(false)
 	v.done = make(chan struct{})
@@ -491,6 +537,26 @@ func (c *conn) stopRing(v *vring) {
 	v.waiter.close()
 	v.waiter, v.q, v.done = nil, nil, nil
 	v.stopping.Store(false)
+}
+
+// handover runs after GET_VRING_BASE stopped a ring: once no ring runs any
+// more (the front-end stopped the device, as the source of a migration does
+// before the switch-over), every write the guest saw complete is made
+// durable before the reply, so that a back-end on another host that opens
+// the same storage next sees it. A failed sync cannot be reported in a
+// GET_VRING_BASE reply; the connection is closed instead, which the
+// front-end sees as a failed stop.
+func (c *conn) handover() error {
+	for _, v := range c.rings {
+		if v.started() {
+			return nil
+		}
+	}
+	if err := c.dev.Sync(); err != nil {
+		return fmt.Errorf("syncing the store after the device was stopped: %w", err)
+	}
+	c.log.Debug("device stopped: in-flight requests drained, store synced")
+	return nil
 }
 
 // stopAll stops every started ring and returns them, for restarting.
@@ -626,7 +692,8 @@ func (c *conn) reset() {
 		c.rings[i] = newVring(i)
 	}
 	c.dropInflight() // the front-end gets a new buffer for the reset device
-	c.features = 0
+	c.features, c.featuresAcked = 0, false
+	c.dropLog()
 	c.dev.SetFeatures(0)
 	c.log.Info("device reset")
 }
@@ -642,6 +709,7 @@ func (c *conn) cleanup() {
 	unmapAll(c.regions)
 	c.regions, c.mem = nil, nil
 	c.dropInflight()
+	c.dropLog()
 	c.backend.close()
 	c.sock.Close()
 	c.log.Debug("connection released: requests drained, memory unmapped, descriptors closed")

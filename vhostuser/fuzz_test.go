@@ -48,6 +48,11 @@ func qemuMessages() []struct {
 		{encode(SetVringErr, need, le64(0)), 1},
 		{encode(SetVringEnable, need, le32(0, 1)), 0},
 		{encode(SetConfig, need, le32(32, 1, 0), []byte{0}), 0},
+		// A migration starts: the dirty log, VHOST_F_LOG_ALL, the used ring logged.
+		{encode(SetLogBase, flagVersion, le64(0x1000, 0)), 1},
+		{encode(SetLogFd, need), 1},
+		{encode(SetFeatures, need, le64(1<<32|1<<30|1<<29|1<<28|1<<26|1<<12|1<<9)), 0},
+		{encode(SetVringAddr, need, le32(0, 1), le64(0x7f0000001000, 0x7f0000003000, 0x7f0000002000, 0x3000)), 0},
 		{encode(GetVringBase, flagVersion, le32(0, 0)), 0},
 		{encode(SetBackendReqFd, need, le64(0)), 1},
 		{encode(ResetDevice, need), 0},
@@ -66,6 +71,9 @@ func decodeAll(t *testing.T, m *Message) {
 		t.Fatalf("MemTable accepted %d regions with %d descriptors", len(regions), len(m.Fds))
 	}
 	m.MemReg()
+	if l, err := m.Log(); err == nil && len(m.Payload) != 16 {
+		t.Fatalf("Log accepted a payload of %d bytes: %+v", len(m.Payload), l)
+	}
 	if c, err := m.Config(); err == nil && (uint64(c.Offset)+uint64(c.Size) > maxConfigSize || len(c.Data) != int(c.Size)) {
 		t.Fatalf("Config accepted offset %d size %d with %d bytes", c.Offset, c.Size, len(c.Data))
 	}
@@ -229,8 +237,14 @@ func fdsFor(t *testing.T, msg []byte, memfd int) []int {
 				dup(memfd)
 			}
 		}
-	case AddMemReg:
+	case AddMemReg, SetLogBase:
 		dup(memfd)
+	case SetLogFd:
+		efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fds = append(fds, efd)
 	case SetBackendReqFd:
 		pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {

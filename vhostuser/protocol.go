@@ -96,7 +96,7 @@ const (
 )
 
 // offeredProtocolFeatures are the protocol features this backend implements.
-const offeredProtocolFeatures = 1<<ProtocolFMQ | 1<<ProtocolFReplyAck | 1<<ProtocolFConfig |
+const offeredProtocolFeatures = 1<<ProtocolFMQ | 1<<ProtocolFLogShmfd | 1<<ProtocolFReplyAck | 1<<ProtocolFConfig |
 	1<<ProtocolFResetDevice | 1<<ProtocolFConfigureMemSlots | 1<<ProtocolFBackendReq | 1<<ProtocolFInflightShmfd
 
 // Limits.

@@ -24,6 +24,9 @@ type Queue struct {
 	Ring   *SplitQueue
 	Mem    *GuestMemory
 	Notify Notifier
+	// Log, when it holds a log, records every write of a completion to guest memory (read data,
+	// GET_ID data, status byte) before the completion is published.
+	Log *DirtyLogger
 
 	mu       sync.Mutex     // serialises used-ring pushes from the lanes
 	inflight sync.WaitGroup // popped and not yet pushed to the used ring
@@ -99,6 +102,11 @@ func (d *BlkDevice) Config() BlkConfig {
 func (d *BlkDevice) SetCapacity(bytes uint64) {
 	d.capacity.Store(bytes / uint64(d.cfg.BlockSize) * uint64(d.cfg.BlockSize))
 }
+
+// Sync drains the engine and syncs the store (the flush barrier, not
+// counted as a guest flush): vhostuser calls it when the front-end stopped
+// the device. A failed sync stays failed, as for guest flushes.
+func (d *BlkDevice) Sync() error { return d.engine.Sync() }
 
 // Engine returns the backend engine.
 func (d *BlkDevice) Engine() *backend.Engine { return d.engine }
@@ -478,10 +486,25 @@ func (d *BlkDevice) submit(r *blkReq) {
 func (q *Queue) publish(r *blkReq, status uint8, written uint32) (notify bool, err error) {
 	defer catchFault(debug.SetPanicOnFault(true), &err)
 	r.blk.Status[0] = status
+	if l := q.Log.Load(); l != nil {
+		q.logCompletion(l, r)
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.Ring.PushUsed(r.head, written)
 	return q.Ring.NeedInterrupt(), nil
+}
+
+// logCompletion marks the pages a request's completion wrote: the device-writable buffers (read
+// data, GET_ID data, whatever the store wrote into them) and the status byte. All of them are
+// logged whatever was written: a page logged and not written is only sent twice.
+func (q *Queue) logCompletion(l *DirtyLog, r *blkReq) {
+	if !skipDataLog {
+		for _, b := range r.blk.In {
+			q.Mem.markDirty(l, b)
+		}
+	}
+	q.Mem.markDirty(l, r.blk.Status)
 }
 
 func (d *BlkDevice) guestError(q *Queue, r *blkReq, err error) {

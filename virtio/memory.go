@@ -161,3 +161,10 @@ func (m *GuestMemory) UserSlice(va, n uint64) ([]byte, error) {
 	}
 	return nil, fmt.Errorf("%w: frontend address %#x length %d", ErrBadAddress, va, n)
 }
+
+// markDirty logs the pages of b, a slice of m, in l.
+func (m *GuestMemory) markDirty(l *DirtyLog, b []byte) {
+	if gpa, ok := m.gpaOf(b); ok {
+		l.Mark(gpa, uint64(len(b)))
+	}
+}

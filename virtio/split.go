@@ -50,6 +50,12 @@ type SplitQueue struct {
 
 	inflight InflightLog // nil: not tracked
 
+	// Dirty logging of the used ring (VHOST_VRING_F_LOG): writes to it are logged at usedLogGPA
+	// plus their offset while logger has a log.
+	logger     *DirtyLogger
+	usedLogGPA uint64
+	logUsed    bool
+
 	// completing side
 	usedIdx        uint16
 	signalledUsed  uint16
@@ -92,6 +98,23 @@ func (q *SplitQueue) readUsed() (err error) {
 	q.usedIdx = load16(q.used, 2)
 	q.usedFlags = load16(q.used, 0)
 	return nil
+}
+
+// SetUsedLog makes writes to the used ring (elements, index, flags, avail_event) be logged
+// in the active log of logger, at gpa (log_guest_addr of VHOST_USER_SET_VRING_ADDR) plus their
+// offset in the ring. Call it before the queue is processed.
+func (q *SplitQueue) SetUsedLog(logger *DirtyLogger, gpa uint64) {
+	q.logger, q.usedLogGPA, q.logUsed = logger, gpa, true
+}
+
+// logUsedWrite logs a write of n bytes at offset off of the used ring.
+func (q *SplitQueue) logUsedWrite(off, n int) {
+	if !q.logUsed {
+		return
+	}
+	if l := q.logger.Load(); l != nil {
+		l.Mark(q.usedLogGPA+uint64(off), uint64(n))
+	}
 }
 
 // InflightLog is told which chains the device has popped and not yet
@@ -287,8 +310,10 @@ func (q *SplitQueue) PushUsed(head uint16, written uint32) {
 	slot := 4 + 8*int(q.usedIdx%q.size)
 	binary.LittleEndian.PutUint32(q.used[slot:], uint32(head))
 	binary.LittleEndian.PutUint32(q.used[slot+4:], written)
+	q.logUsedWrite(slot, 8)
 	q.usedIdx++
 	store16(q.used, 2, q.usedIdx)
+	q.logUsedWrite(2, 2)
 	if q.inflight != nil {
 		q.inflight.Published(head, q.usedIdx)
 	}
@@ -322,6 +347,7 @@ func (q *SplitQueue) DisableNotify() {
 	if q.usedFlags&usedFNoNotify == 0 {
 		q.usedFlags |= usedFNoNotify
 		store16(q.used, 0, q.usedFlags)
+		q.logUsedWrite(0, 2)
 	}
 }
 
@@ -331,9 +357,11 @@ func (q *SplitQueue) DisableNotify() {
 func (q *SplitQueue) EnableNotify() (more bool) {
 	if q.eventIdx {
 		store16(q.used, 4+8*int(q.size), q.lastAvail)
+		q.logUsedWrite(4+8*int(q.size), 2)
 	} else {
 		q.usedFlags &^= usedFNoNotify
 		store16(q.used, 0, q.usedFlags)
+		q.logUsedWrite(0, 2)
 	}
 	fence()
 	return load16(q.avail, 2) != q.lastAvail

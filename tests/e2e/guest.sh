@@ -8,7 +8,7 @@
 # and the phase ends with "E2E done <phase>". The host knows which checks each phase must report,
 # so a script that stops early fails the test. Parameters come on the kernel command line:
 #   vublk.phase=  main | reconnect | verify | crashwork | service | restart | bench | options |
-#                 interop | ...
+#                 interop | migrate | ...
 #   vublk.size=   expected size of /dev/vda in bytes
 #   vublk.serial= expected serial of /dev/vda
 #   vublk.rosize= expected size of the read-only /dev/vdb
@@ -347,6 +347,83 @@ phase_reboot() {
 	run reboot_write_again dd if=/dev/zero of=/dev/vda bs=1M seek=16 count=8 oflag=direct conv=fsync
 }
 
+# Live migration: the host migrates this VM between QEMU processes (each with its own back-end on
+# the same image) while fio randwrite verifies one region and the guest reads another, of
+# vublk.mibs MiB at vublk.mig_off MiB, through the page cache, over and over. Each round:
+#   "E2E mig-read R": the host starts migrating now; the guest drops the page cache and reads the
+#     region into it, pass after pass, until the host writes a command line on the console:
+#     "go", "fio" or "end", once the migration completed;
+#   then, without dropping caches, the region's checksum from the page cache, against vublk.md5:
+#     a back-end that wrote a guest page after it was sent and did not log it leaves it stale on
+#     the destination.
+#   "E2E ok|FAIL mig_R passes=N warm=SUM".
+# "fio" also stops the fio loop and reports it (mig_fio) and the kernel's I/O errors (mig_dmesg);
+# "end" finishes the phase.
+phase_migrate() {
+	off=$(param mig_off)
+	mibs=$(param mibs)
+	want=$(param md5)
+	(
+		n=0
+		while [ ! -f /tmp/stopfio ]; do
+			if ! $T/fio --name=mig --filename=/dev/vda --thread --direct=1 --ioengine=libaio \
+				--iodepth=8 --rw=randwrite --bs=4k --size=8M --verify=crc32c --verify_fatal=1 \
+				--do_verify=1 >/tmp/fio.out 2>&1; then
+				tail -n 20 /tmp/fio.out
+				echo "fio run $n failed"
+				exit 1
+			fi
+			n=$((n + 1))
+		done
+		echo "$n fio runs"
+	) >/tmp/fio.log 2>&1 &
+	fiopid=$!
+	r=1
+	while true; do
+		rm -f /tmp/go
+		# A background job's stdin is /dev/null: read the console itself.
+		(read -r line </dev/ttyS0; echo "$line" >/tmp/go.tmp; mv /tmp/go.tmp /tmp/go) &
+		echo "E2E mig-read $r"
+		passes=0
+		bad=0
+		while [ ! -f /tmp/go ]; do
+			# First zeros from the region below, so that the pages the region then lands in
+			# held other data: a page the back-end fills and does not log then arrives stale
+			# (a re-read of the same data into the same page would hide it).
+			echo 1 >/proc/sys/vm/drop_caches
+			dd if=/dev/vda of=/dev/null bs=1M skip=$((off - mibs)) count="$mibs" 2>/dev/null
+			echo 1 >/proc/sys/vm/drop_caches
+			# Only into the page cache: checksumming every pass would make it slower (TCG) and
+			# leave fewer passes, and so fewer writes of the back-end, in each migration.
+			dd if=/dev/vda of=/dev/null bs=1M skip="$off" count="$mibs" 2>/tmp/dd.err || bad=$((bad + 1))
+			passes=$((passes + 1))
+		done
+		warm=$(dd if=/dev/vda bs=1M skip="$off" count="$mibs" 2>/dev/null | md5sum | cut -d' ' -f1)
+		if [ "$bad" = 0 ] && [ "$warm" = "$want" ]; then
+			ok "mig_$r" "passes=$passes warm=$warm"
+		else
+			tail -n 2 /tmp/dd.err
+			dmesg | tail -n 3
+			fail "mig_$r" "passes=$passes failed_passes=$bad warm=$warm want=$want"
+		fi
+		cmd=$(cat /tmp/go)
+		case "$cmd" in
+		fio)
+			touch /tmp/stopfio
+			if wait $fiopid; then
+				ok mig_fio "$(tail -n 1 /tmp/fio.log)"
+			else
+				tail -n 20 /tmp/fio.log
+				fail mig_fio "fio failed"
+			fi
+			expect mig_dmesg "$(dmesg | grep -ci -e 'i/o error' -e 'virtio_blk.*err')" 0
+			;;
+		end) break ;;
+		esac
+		r=$((r + 1))
+	done
+}
+
 # pattern_md5 BYTE_OCTAL MIB: the md5 of MIB MiB of one repeated byte (qemu-io write -P).
 pattern_md5() { dd if=/dev/zero bs=1M count="$2" 2>/dev/null | tr '\000' "\\$1" | md5sum | cut -d' ' -f1; }
 
@@ -392,6 +469,7 @@ restart) phase_restart ;;
 qemukill) phase_qemukill ;;
 reboot) phase_reboot ;;
 bench) phase_bench ;;
+migrate) phase_migrate ;;
 *) fail phase "unknown phase '$PHASE'" ;;
 esac
 echo "E2E done $PHASE"

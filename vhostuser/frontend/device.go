@@ -47,6 +47,9 @@ type Options struct {
 	// and shares an inflight buffer with the back-end, as QEMU does, so
 	// that Reconnect can resume after the back-end died (inflight.go).
 	Inflight bool
+	// Log negotiates VHOST_USER_PROTOCOL_F_LOG_SHMFD if offered, for
+	// StartLogging (dirty page logging during a migration).
+	Log bool
 	// InflightQueueSize is the queue size asked for in GET_INFLIGHT_FD
 	// (default QueueSize). QEMU 10 asks for its queue-size and then runs
 	// the firmware's rings with more entries than that.
@@ -75,6 +78,8 @@ type Device struct {
 	protocol uint64
 	maxQueue int
 	inflight *inflightBuf // nil: no inflight buffer
+	logging  bool         // VHOST_F_LOG_ALL is on: rings are set up with VHOST_VRING_F_LOG
+	dirtyLog *DirtyLog    // the log shared by StartLogging (the caller owns it)
 
 	mu     sync.Mutex // serialises StopQueue, StartQueue and Close
 	closed bool
@@ -119,6 +124,9 @@ func (d *Device) setup(opt Options) error {
 	d.protocol = pf & wantProtocol
 	if opt.Inflight {
 		d.protocol |= pf & (1 << vhostuser.ProtocolFInflightShmfd)
+	}
+	if opt.Log {
+		d.protocol |= pf & (1 << vhostuser.ProtocolFLogShmfd)
 	}
 	if err := c.SetProtocolFeatures(d.protocol); err != nil {
 		return err
@@ -217,7 +225,7 @@ func (d *Device) startQueue(q *Queue) error {
 	for _, step := range []func() error{
 		func() error { return d.conn.SetVringNum(idx, uint32(q.size)) },
 		func() error { return d.conn.SetVringBase(idx, uint32(q.base)) },
-		func() error { return d.conn.SetVringAddr(q.addrs()) },
+		func() error { return d.conn.SetVringAddr(d.vringAddr(q)) },
 		func() error { return d.conn.SetVringCall(idx, call) },
 		func() error { return d.conn.SetVringErr(idx, errf) },
 		func() error { return d.conn.SetVringKick(idx, kick) },

@@ -248,6 +248,9 @@ func (d *Device) Reconnect(path string) error {
 	if err := c.SetFeatures(d.features); err != nil {
 		return err
 	}
+	if err := d.resumeLogging(); err != nil {
+		return err
+	}
 	if d.inflight != nil {
 		if err := c.SetInflightFd(d.inflight.desc, d.inflight.fd); err != nil {
 			return err

@@ -27,13 +27,23 @@ type Export struct {
 // ends the server stops, then the engine drains and syncs, then the store is closed.
 func Serve(t testing.TB, store backend.Store, lanes int, cfg virtio.BlkConfig, log io.Writer) *Export {
 	t.Helper()
+	return ServeWith(t, store, backend.EngineOptions{Lanes: lanes}, cfg, log)
+}
+
+// ServeWith is Serve with the engine's options (lanes, io_uring).
+func ServeWith(t testing.TB, store backend.Store, opt backend.EngineOptions, cfg virtio.BlkConfig, log io.Writer) *Export {
+	t.Helper()
 	if log == nil {
 		log = io.Discard
 	}
 	logger := logrus.New()
 	logger.SetOutput(log)
 	entry := logger.WithField("export", "test")
-	engine := backend.NewEngine(store, lanes)
+	engine, err := backend.NewEngineWith(store, opt)
+	if err != nil {
+		store.Close()
+		t.Fatal(err)
+	}
 	dev := virtio.NewBlkDevice(engine, cfg, entry)
 	srv := vhostuser.NewServer(dev, int(cfg.NumQueues), entry)
 	sock := filepath.Join(t.TempDir(), "vublk.sock")
