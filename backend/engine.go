@@ -90,7 +90,7 @@ type Engine struct {
 	uring        *uringEngine // IOEngineURing with a RawIO store, else nil
 	async        AsyncIO      // the store, when it issues its own reads and writes
 	asyncDone    func(r *Request, err error)
-	inline       inlineGate   // whether SubmitIdle runs requests inline
+	inline       inlineGate // whether SubmitIdle runs requests inline
 	wg           sync.WaitGroup
 	closeOnce    sync.Once
 	Stats        Stats

@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"time"
 
 	"github.com/BurntSushi/toml"
 )
@@ -99,6 +100,14 @@ type Export struct {
 	SocketMode  os.FileMode // socket_mode: an octal string like "0660"; 0 when not set (leave it to the umask)
 
 	WriteLog string // write_log: absolute path of the write log (see vublk replay); "" is off
+
+	// An RBD image instead of File: rbd = "pool/image" (or "pool/namespace/image", or
+	// "pool/image@snap", served read-only), with the cluster's settings.
+	RBD         string        // rbd; "" for a file export
+	CephConf    string        // ceph_conf: absolute path of the ceph.conf; "" is librados' default
+	CephUser    string        // ceph_user: cephx user without "client."; "" is admin
+	CephKeyring string        // ceph_keyring: absolute path of the keyring; "" is what ceph.conf says
+	RBDTimeout  time.Duration // rbd_timeout: a request the cluster has not answered by then fails; 0 waits
 
 	Line int // the line of the [[export]] header, for messages at run time
 }

@@ -135,6 +135,7 @@ func specFromConfig(ec config.Export) exportSpec {
 		readOnly: ec.ReadOnly, numQueues: ec.NumQueues, lanes: ec.Lanes, direct: ec.Direct, ioEngine: ec.IOEngine,
 		serial: ec.Serial, writeback: ec.Writeback(), blockSize: ec.LogicalBlockSize, discard: ec.Discard,
 		writeLog: ec.WriteLog, socketUID: ec.SocketUID, socketGID: ec.SocketGID, socketMode: ec.SocketMode,
+		rbd: ec.RBD, cephConf: ec.CephConf, cephUser: ec.CephUser, cephKeyring: ec.CephKeyring, rbdTimeout: ec.RBDTimeout,
 	}
 }
 
