@@ -181,6 +181,9 @@ func serve(args []string, stdout, stderr io.Writer) int {
 		return fail("%v", err)
 	}
 	var rbdSpec rbd.Spec
+	if o.blkFile != "" && o.blkRBD != "" {
+		return fail("--blk-file and --blk-rbd exclude each other: give one")
+	}
 	if o.blkRBD != "" {
 		if rbdSpec, err = rbd.ParseSpec(o.blkRBD); err != nil {
 			return fail("--blk-rbd: %v", err)
@@ -201,10 +204,8 @@ func serve(args []string, stdout, stderr io.Writer) int {
 		return fail("--ceph-conf, --ceph-user, --ceph-keyring and --rbd-timeout need --blk-rbd")
 	}
 	switch {
-	case o.blkFile != "" && o.blkRBD != "":
-		return fail("--blk-file and --blk-rbd exclude each other: give one")
 	case o.blkFile == "" && o.blkRBD == "":
-		return fail("--blk-file (or --blk-rbd) is required")
+		return fail("--blk-file is required (or --blk-rbd for an RBD image)")
 	case (o.socketPath == "") == (o.fd < 0):
 		return fail("exactly one of --socket-path and --fd is required")
 	case o.numQueues < 1 || o.numQueues > 64:
