@@ -6,6 +6,10 @@
 #   scripts/ceph-cluster.sh stop    stops the daemons (by PID) and removes the cluster's directory
 #   scripts/ceph-cluster.sh env     prints VUBLK_CEPH_CONF, VUBLK_CEPH_KEYRING, VUBLK_CEPH_POOL
 #   scripts/ceph-cluster.sh status  ceph -s
+#   scripts/ceph-cluster.sh osd-stop | osd-start   stop the OSD (SIGTERM, waits for the exit) or
+#                                   start it again (for the tests' cluster faults)
+#   scripts/ceph-cluster.sh run CMD...  start a cluster, run CMD with its env, stop it (also when
+#                                   CMD fails or is interrupted); exits with CMD's status
 # Everything lives in CEPH_DIR (default /tmp/vublk-ceph): a private ceph.conf, the keyrings, the
 # monitor's store, the OSD's 4 GiB sparse block file, logs and PID files. There is no systemd: the
 # daemons are started and stopped by PID. MON_PORT (default 40330) is the monitor's msgr2 port.
@@ -118,7 +122,7 @@ EOF
   ceph-authtool --create-keyring "$dir/osd.0/keyring" --name osd.0 --add-key "$osd_secret" >/dev/null
   ceph-osd -c "$conf" -i 0 --mkfs --osd-uuid "$osd_uuid" --keyring "$dir/osd.0/keyring" >"$dir/osd-mkfs.log" 2>&1 ||
     { cat "$dir/osd-mkfs.log" >&2; exit 1; }
-  ceph-osd -c "$conf" -i 0 --keyring "$dir/osd.0/keyring" </dev/null >/dev/null 2>&1 9>&-
+  osd_start
   # The pool, once the OSD is up.
   local i
   for i in $(seq 300); do
@@ -133,10 +137,46 @@ EOF
   print_env
 }
 
+osd_start() {
+  ceph-osd -c "$conf" -i 0 --keyring "$dir/osd.0/keyring" </dev/null >/dev/null 2>&1 9>&-
+}
+
+osd_stop() {
+  local pid i
+  running "$dir/osd.0.pid" || return 0
+  pid=$(cat "$dir/osd.0.pid")
+  kill "$pid"
+  for i in $(seq 300); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+run() {
+  # A cluster of its own for CMD, in a fresh directory, stopped whatever happens.
+  dir=$(mktemp -d /tmp/vublk-ceph-run.XXXXXX)
+  conf=$dir/ceph.conf
+  keyring=$dir/ceph.client.admin.keyring
+  # A monitor port nothing listens on (another cluster may run on the default).
+  if [ -z "${MON_PORT:-}" ]; then
+    for port in $(seq 40331 40399); do
+      ss -Hltn "sport = :$port" 2>/dev/null | grep -q . || break
+    done
+  fi
+  trap 'stop' EXIT
+  trap 'exit 130' INT TERM
+  eval "$(start)"
+  export VUBLK_CEPH_CONF VUBLK_CEPH_KEYRING VUBLK_CEPH_POOL VUBLK_CEPH_REQUIRED=1
+  local code=0
+  "$@" || code=$?
+  return $code
+}
+
 case "${1:-}" in
   start) start ;;
+  run) shift; [ $# -gt 0 ] || { echo "usage: $0 run CMD..." >&2; exit 2; }; run "$@" ;;
   stop) stop ;;
   env) print_env ;;
   status) cephcli -s ;;
+  osd-stop) osd_stop ;;
+  osd-start) osd_start ;;
   *) echo "usage: $0 start|stop|env|status" >&2; exit 2 ;;
 esac
