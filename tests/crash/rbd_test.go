@@ -201,7 +201,6 @@ func startDaemon(t *testing.T, bin string, args []string) *exec.Cmd {
 	return cmd
 }
 
-
 // TestRBDTimeout stops the cluster's only OSD under a vublk export with --rbd-timeout 3s: a
 // write and a flush sent during the outage fail with IOERR within the timeout (plus slack), and
 // the daemon goes on serving. When the OSD is back, writes and reads go on, what was flushed
