@@ -13,7 +13,7 @@ SIZE ?= 1G
 FUZZTIME ?= 60s
 FUZZ_PKGS := ./virtio ./vhostuser
 
-.PHONY: all build deps run test check unit crash e2e rbd fuzz install clean bench bench-guest
+.PHONY: all build deps run test check unit crash e2e rbd fuzz install clean bench bench-rbd bench-guest
 
 all: build
 
@@ -81,7 +81,13 @@ rbd: $(GOTESTSUM)
 # override scripts/bench.sh's defaults; ROUNDS and GUEST_SECONDS bench-guest's.
 bench: deps build
 	bash scripts/bench.sh
+	$(MAKE) --no-print-directory bench-rbd
 	$(MAKE) --no-print-directory bench-guest
+
+# The RBD rows: vublk --blk-rbd against qemu-storage-daemon's rbd driver on one image of a
+# single-node cluster started for it (scripts/bench-rbd.sh; ROUNDS, RUNTIME, SIZE_MB).
+bench-rbd: deps build
+	bash scripts/ceph-cluster.sh run bash scripts/bench-rbd.sh
 
 # The in-guest comparison: a TCG guest runs fio jobs against qemu-storage-daemon and vublk, and the
 # table shows each server's CPU time per I/O (make deps installs the guest kernel and tools).
