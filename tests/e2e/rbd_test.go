@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -271,5 +272,64 @@ size = "64M"
 	t.Logf("rbd export: %v", stats)
 	if n, _ := stats["errors"].(float64); n != 0 {
 		t.Errorf("vublk counted %v errors on the RBD export", n)
+	}
+}
+
+// TestRBDServiceResize serves an RBD image from a configuration file; the operator raises its
+// size and reloads (SIGHUP): vublk grows the image (rbd_resize) and tells QEMU, and the guest
+// sees the new capacity live and writes and reads at its new end.
+func TestRBDServiceResize(t *testing.T) { forEachQEMU(t, testRBDServiceResize) }
+
+func testRBDServiceResize(t *testing.T, q *qemuBinary) {
+	c := needCeph(t)
+	dir := t.TempDir()
+	img := c.image(t, "resize")
+	sock := filepath.Join(dir, "rbd.sock")
+	conf := filepath.Join(dir, "vublk.toml")
+	const size, grown = 256 << 20, 320 << 20
+	write := func(size int64) {
+		cfg := fmt.Sprintf(`[global]
+log_format = "json"
+
+[[export]]
+name = "disk"
+socket_path = %q
+rbd = %q
+ceph_conf = %q
+ceph_keyring = %q
+size = %d
+resize = true
+num_queues = 2
+serial = "rbd-resize"
+`, sock, img, c.conf, c.keyring, size)
+		if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(size)
+	d := startService(t, conf)
+	v := bootGuest(t, boot{
+		qemu:  q,
+		disks: []disk{{socket: sock, numQueues: 2}},
+		params: map[string]string{
+			"phase": "service", "size": strconv.Itoa(size), "serial": "rbd-resize", "newsize": strconv.Itoa(grown),
+		},
+		timeout: 5 * time.Minute,
+		onLine: func(line string) {
+			if line == "E2E waiting-resize" {
+				write(grown)
+				d.cmd.Process.Signal(syscall.SIGHUP)
+			}
+		},
+	})
+	v.expectChecks(t, "service", []string{"size", "serial", "write", "write_disk", "read_back", "resized", "write_grown", "read_grown"})
+	if d.lastLog("export resized", "disk") == nil {
+		t.Error("no \"export resized\" log")
+	}
+	if _, err := d.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if info := c.rbd(t, "info", "--format", "json", img); !strings.Contains(info, fmt.Sprintf(`"size":%d`, grown)) {
+		t.Errorf("the image was not grown to %d bytes: %s", grown, info)
 	}
 }
