@@ -74,7 +74,7 @@ test: deps check unit crash e2e rbd
 # the socket with vublk SIGKILLed, and the real-guest tests on an RBD export (both QEMUs).
 rbd: $(GOTESTSUM)
 	bash scripts/ceph-cluster.sh run $(GOTESTSUM) --format testname --hide-summary=skipped -- \
-	  -tags rbd,e2e -count=1 -timeout 40m -run 'RBD|^TestStore|^TestOpen|^TestParseSpec' ./backend/rbd/ ./tests/crash/ ./tests/e2e/
+	  -tags rbd,e2e -p 1 -count=1 -timeout 40m -run 'RBD|^TestStore|^TestOpen|^TestParseSpec' ./backend/rbd/ ./tests/crash/ ./tests/e2e/
 
 # vublk and qemu-storage-daemon side by side on a tmpfs file, 3 rounds of the same jobs, then the
 # in-guest comparison (bench-guest) (runs make deps first; about 10 minutes). ROUNDS, RUNTIME and RAMP

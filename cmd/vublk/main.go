@@ -36,6 +36,7 @@ const usage = `vublk: a vhost-user-blk back-end serving a file or block device t
 Usage:
   vublk serve --socket-path PATH --blk-file PATH [options]
   vublk serve --fd N --blk-file PATH [options]
+  vublk serve --socket-path PATH --blk-rbd POOL/IMAGE[@SNAP] [--ceph-conf FILE] [options]
   vublk serve --config FILE
   vublk replay --log PATH [--base IMAGE] --out IMAGE [--mark N] [--crash --seed S]
   vublk check --config FILE
