@@ -69,3 +69,26 @@ func TestRBDExports(t *testing.T) {
 		})
 	}
 }
+
+// TestRBDExample: examples/vublk-rbd.toml is valid (with librbd) once its paths are local.
+func TestRBDExample(t *testing.T) {
+	data, err := os.ReadFile("../examples/vublk-rbd.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	text := strings.ReplaceAll(string(data), "/run/vublk", dir)
+	cfg, err := Parse(filepath.Join(dir, "vublk.toml"), []byte(text))
+	if !rbd.Built {
+		if err == nil || !strings.Contains(err.Error(), "built without RBD support") {
+			t.Fatalf("without librbd: %v", err)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Exports) != 2 || cfg.Exports[0].RBDTimeout != time.Minute || !cfg.Exports[1].ReadOnly {
+		t.Errorf("exports %+v", cfg.Exports)
+	}
+}
