@@ -136,17 +136,22 @@ static int64_t vublk_rw_wait(rbd_image_t image, int write, const struct iovec *i
 
 // vublk_connect makes the cluster handle: conf file, keyring, timeouts, connect. On failure
 // *cluster is shut down and NULL.
-static int vublk_connect(rados_t *cluster, const char *user, const char *conf, const char *keyring, const char *timeout) {
+// *stage says which step failed: 0 the handle, 1 reading the conf file, 2 an option, 3 connecting.
+static int vublk_connect(rados_t *cluster, const char *user, const char *conf, const char *keyring, const char *timeout, int *stage) {
+	*stage = 0;
 	int r = rados_create(cluster, user[0] ? user : NULL);
 	if (r < 0) {
 		*cluster = NULL;
 		return r;
 	}
+	*stage = 1;
 	r = rados_conf_read_file(*cluster, conf[0] ? conf : NULL);
+	if (r == 0) *stage = 2;
 	if (r == 0 && keyring[0]) r = rados_conf_set(*cluster, "keyring", keyring);
 	if (r == 0 && timeout[0]) r = rados_conf_set(*cluster, "rados_osd_op_timeout", timeout);
 	if (r == 0 && timeout[0]) r = rados_conf_set(*cluster, "rados_mon_op_timeout", timeout);
 	if (r == 0 && timeout[0]) r = rados_conf_set(*cluster, "client_mount_timeout", timeout);
+	if (r == 0) *stage = 3;
 	if (r == 0) r = rados_connect(*cluster);
 	if (r < 0) {
 		rados_shutdown(*cluster);
@@ -193,8 +198,13 @@ func connect(user, conf, keyring, timeout, pool, namespace string) (*conn, error
 		C.free(unsafe.Pointer(ct))
 	}()
 	c := &conn{}
-	if r := C.vublk_connect(&c.cluster, cu, cc, ck, ct); r < 0 {
-		return nil, opError("connect to the cluster", errno(r))
+	var stage C.int
+	if r := C.vublk_connect(&c.cluster, cu, cc, ck, ct, &stage); r < 0 {
+		what := [...]string{"create the cluster handle", "read the ceph.conf " + conf, "set the cluster options", "connect to the cluster"}[stage]
+		if stage == 1 && conf == "" {
+			what = "find a ceph.conf (give --ceph-conf or ceph_conf)"
+		}
+		return nil, opError(what, errno(r))
 	}
 	cp := C.CString(pool)
 	defer C.free(unsafe.Pointer(cp))
