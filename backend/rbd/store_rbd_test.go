@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -256,5 +257,9 @@ func TestOpenMissing(t *testing.T) {
 	_, err = Open(Spec{Pool: "no-such-pool", Image: "x"}, Options{ConfFile: conf, Keyring: keyring, CreateSize: 1 << 20})
 	if err == nil {
 		t.Error("open in a missing pool succeeded")
+	}
+	_, err = Open(Spec{Pool: pool, Image: "x"}, Options{ConfFile: conf + ".missing"})
+	if err == nil || !strings.Contains(err.Error(), "read the ceph.conf "+conf+".missing") {
+		t.Errorf("open with a missing ceph.conf: %v", err)
 	}
 }
