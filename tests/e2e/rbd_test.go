@@ -251,9 +251,10 @@ size = "64M"
 	var outage time.Duration
 	restartWorkload(t, q, sock, 45, func() {
 		time.Sleep(5 * time.Second)
-		t0 := time.Now()
+		stopping := time.Now()
 		c.cluster(t, "osd-stop")
-		t.Log("OSD stopped")
+		t0 := time.Now()
+		t.Logf("OSD stopped (its shutdown took %v)", t0.Sub(stopping).Round(time.Millisecond))
 		// The other export serves while the image waits.
 		out, err := exec.Command(env.vublk, "bench", "--socket", fileSock, "--rw", "randrw", "--iodepth", "4",
 			"--runtime", "3s", "--size", "32M", "--verify").CombinedOutput()
@@ -263,7 +264,7 @@ size = "64M"
 		time.Sleep(time.Until(t0.Add(10 * time.Second)))
 		c.cluster(t, "osd-start")
 		outage = time.Since(t0)
-		t.Logf("OSD started again after %v", outage.Round(time.Millisecond))
+		t.Logf("OSD started again after %v down", outage.Round(time.Millisecond))
 	})
 	if _, err := d.stop(); err != nil {
 		t.Fatal(err)
