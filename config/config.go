@@ -108,6 +108,7 @@ type Export struct {
 	CephUser    string        // ceph_user: cephx user without "client."; "" is admin
 	CephKeyring string        // ceph_keyring: absolute path of the keyring; "" is what ceph.conf says
 	RBDTimeout  time.Duration // rbd_timeout: a request the cluster has not answered by then fails; 0 waits
+	RBDCache    bool          // rbd_cache: librbd's cache as ceph.conf says; false (default) turns it off
 
 	Line int // the line of the [[export]] header, for messages at run time
 }

@@ -54,8 +54,11 @@ func (p *parser) decodeRBD(t *table, e *Export, rbdThere bool) {
 			e.RBDTimeout = d
 		}
 	}
+	if b, ok := t.boolean("rbd_cache"); ok {
+		e.RBDCache = b
+	}
 	if !rbdThere {
-		for _, k := range []string{"ceph_conf", "ceph_user", "ceph_keyring", "rbd_timeout"} {
+		for _, k := range []string{"ceph_conf", "ceph_user", "ceph_keyring", "rbd_timeout", "rbd_cache"} {
 			if _, there := t.m[k]; there {
 				p.errorf(t.path(k), "applies only to an RBD export (rbd = \"pool/image\")")
 			}

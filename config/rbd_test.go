@@ -28,6 +28,8 @@ func TestRBDExports(t *testing.T) {
 			want: func(e Export) bool {
 				return e.RBD == "rbd/disk0" && e.CephConf == conf && e.CephUser == "vublk" && e.RBDTimeout == 30*time.Second && !e.ReadOnly && e.File == ""
 			}},
+		{name: "cache", toml: head + "rbd = \"rbd/d\"\nrbd_cache = true\n", want: func(e Export) bool { return e.RBDCache }},
+		{name: "cache on a file", toml: head + "file = \"x.img\"\nsize = \"1M\"\nrbd_cache = true\n", errs: []string{"export[0].rbd_cache: applies only to an RBD export"}},
 		{name: "snapshot is read-only", toml: head + "rbd = \"rbd/disk0@s1\"\n", want: func(e Export) bool { return e.ReadOnly && e.RBDSnap() }},
 		{name: "timeout in seconds", toml: head + "rbd = \"rbd/d\"\nrbd_timeout = 5\n", want: func(e Export) bool { return e.RBDTimeout == 5*time.Second }},
 		{name: "file and rbd", toml: head + "rbd = \"rbd/d\"\nfile = \"x.img\"\nsize = \"1M\"\n", errs: []string{"export[0].rbd: file and rbd exclude each other"}},

@@ -60,9 +60,9 @@ trap 'exit 130' INT TERM
 start_server() {
   case $1 in
   qsd)
-    # cache=writeback (QEMU's default) turns librbd's cache on, as vublk leaves it.
+    # cache.direct=on turns librbd's cache off (rbd_cache=false), as vublk does by default.
     "$QSD" \
-      --blockdev "driver=rbd,node-name=r,pool=$VUBLK_CEPH_POOL,image=$name,conf=$VUBLK_CEPH_CONF,user=admin,cache.direct=off" \
+      --blockdev "driver=rbd,node-name=r,pool=$VUBLK_CEPH_POOL,image=$name,conf=$VUBLK_CEPH_CONF,user=admin,cache.direct=on" \
       --export "type=vhost-user-blk,id=e,node-name=r,addr.type=unix,addr.path=$sock,writable=on,num-queues=$QUEUES" \
       >"$dir/qsd.log" 2>&1 &
     ;;

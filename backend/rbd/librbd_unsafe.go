@@ -137,7 +137,7 @@ static int64_t vublk_rw_wait(rbd_image_t image, int write, const struct iovec *i
 // vublk_connect makes the cluster handle: conf file, keyring, timeouts, connect. On failure
 // *cluster is shut down and NULL.
 // *stage says which step failed: 0 the handle, 1 reading the conf file, 2 an option, 3 connecting.
-static int vublk_connect(rados_t *cluster, const char *user, const char *conf, const char *keyring, const char *timeout, int *stage) {
+static int vublk_connect(rados_t *cluster, const char *user, const char *conf, const char *keyring, const char *timeout, int nocache, int *stage) {
 	*stage = 0;
 	int r = rados_create(cluster, user[0] ? user : NULL);
 	if (r < 0) {
@@ -151,6 +151,7 @@ static int vublk_connect(rados_t *cluster, const char *user, const char *conf, c
 	if (r == 0 && timeout[0]) r = rados_conf_set(*cluster, "rados_osd_op_timeout", timeout);
 	if (r == 0 && timeout[0]) r = rados_conf_set(*cluster, "rados_mon_op_timeout", timeout);
 	if (r == 0 && timeout[0]) r = rados_conf_set(*cluster, "client_mount_timeout", timeout);
+	if (r == 0 && nocache) r = rados_conf_set(*cluster, "rbd_cache", "false");
 	if (r == 0) *stage = 3;
 	if (r == 0) r = rados_connect(*cluster);
 	if (r < 0) {
@@ -189,7 +190,7 @@ type conn struct {
 	ioctx   C.rados_ioctx_t
 }
 
-func connect(user, conf, keyring, timeout, pool, namespace string) (*conn, error) {
+func connect(user, conf, keyring, timeout string, cache bool, pool, namespace string) (*conn, error) {
 	cu, cc, ck, ct := C.CString(user), C.CString(conf), C.CString(keyring), C.CString(timeout)
 	defer func() {
 		C.free(unsafe.Pointer(cu))
@@ -199,7 +200,11 @@ func connect(user, conf, keyring, timeout, pool, namespace string) (*conn, error
 	}()
 	c := &conn{}
 	var stage C.int
-	if r := C.vublk_connect(&c.cluster, cu, cc, ck, ct, &stage); r < 0 {
+	nocache := C.int(1)
+	if cache {
+		nocache = 0
+	}
+	if r := C.vublk_connect(&c.cluster, cu, cc, ck, ct, nocache, &stage); r < 0 {
 		what := [...]string{"create the cluster handle", "read the ceph.conf " + conf, "set the cluster options", "connect to the cluster"}[stage]
 		if stage == 1 && conf == "" {
 			what = "find a ceph.conf (give --ceph-conf or ceph_conf)"

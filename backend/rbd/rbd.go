@@ -94,6 +94,13 @@ type Options struct {
 	// and so does a connection that cannot be made. 0 waits as long as it takes (requests hang
 	// while the cluster is unavailable and go on when it is back).
 	Timeout time.Duration
+	// Cache lets librbd's cache run as ceph.conf says (rbd_cache, rbd_cache_policy): librbd then
+	// acknowledges writes before the OSDs have them, and a vublk that dies (SIGKILL, a crash)
+	// loses the writes it completed to the guest since its last flush, without the guest
+	// knowing: a restarted vublk cannot give them back. Off (the default) sets rbd_cache=false:
+	// a write completes once the OSDs have it, so a restarted vublk loses nothing the guest saw
+	// complete, as with a file in the host's page cache.
+	Cache bool
 	// Slots is how many reads and writes may be in flight in librbd at once (default 256);
 	// more wait on the lanes.
 	Slots int

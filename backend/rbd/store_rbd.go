@@ -76,7 +76,7 @@ func Open(spec Spec, opt Options) (*Store, error) {
 	if opt.Timeout > 0 {
 		timeout = strconv.FormatFloat(opt.Timeout.Seconds(), 'f', -1, 64)
 	}
-	c, err := connect(opt.User, opt.ConfFile, opt.Keyring, timeout, spec.Pool, spec.Namespace)
+	c, err := connect(opt.User, opt.ConfFile, opt.Keyring, timeout, opt.Cache, spec.Pool, spec.Namespace)
 	if err != nil {
 		return nil, err
 	}

@@ -39,6 +39,7 @@ type exportSpec struct {
 	cephUser    string
 	cephKeyring string
 	rbdTimeout  time.Duration
+	rbdCache    bool // librbd's cache as ceph.conf says (acknowledged writes die with vublk)
 	// Socket ownership and mode, so that QEMU running as another user (libvirt's) can connect;
 	// -1 and 0 leave them as they are.
 	socketUID, socketGID int
@@ -133,7 +134,7 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 		"lanes": spec.lanes, "num_queues": spec.numQueues, "write_cache": mode, "serial": spec.serial,
 	}
 	if e.image != nil {
-		fields["rbd"], fields["librbd"] = spec.rbd, rbd.LibraryVersion()
+		fields["rbd"], fields["librbd"], fields["rbd_cache"] = spec.rbd, rbd.LibraryVersion(), spec.rbdCache
 	} else {
 		fields["file"], fields["direct"], fields["io_engine"] = spec.file, spec.direct, spec.ioEngine
 	}
@@ -238,6 +239,7 @@ func (e *export) openImage() error {
 	img, err := rbd.Open(spec, rbd.Options{
 		ConfFile: e.spec.cephConf, User: e.spec.cephUser, Keyring: e.spec.cephKeyring,
 		ReadOnly: e.spec.readOnly, CreateSize: e.spec.size, Resize: e.spec.resize, Timeout: e.spec.rbdTimeout,
+		Cache: e.spec.rbdCache,
 		// For measurements: blocking librbd calls on the lanes instead of aio (README, "Ceph RBD").
 		NoAIO: os.Getenv("VUBLK_RBD_NO_AIO") == "1",
 	})

@@ -94,6 +94,7 @@ type serveOptions struct {
 	cephUser    string
 	cephKeyring string
 	rbdTimeout  time.Duration
+	rbdCache    bool
 	readOnly    bool
 	numQueues   int
 	lanes       int
@@ -124,6 +125,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.cephConf, "ceph-conf", "", "with --blk-rbd: the ceph.conf (default: librados' search, /etc/ceph/ceph.conf)")
 	fs.StringVar(&o.cephUser, "ceph-user", "", "with --blk-rbd: the cephx user, without \"client.\" (default admin)")
 	fs.StringVar(&o.cephKeyring, "ceph-keyring", "", "with --blk-rbd: the keyring file (default: what the ceph.conf says)")
+	fs.BoolVar(&o.rbdCache, "rbd-cache", false, "with --blk-rbd: let librbd's cache run as ceph.conf says (faster writes, but writes completed since the last flush are lost if vublk dies)")
 	fs.DurationVar(&o.rbdTimeout, "rbd-timeout", 0, "with --blk-rbd: fail a request the cluster has not answered after this long (e.g. 30s; 0 waits)")
 	fs.BoolVar(&o.readOnly, "read-only", false, "export read-only (the guest sees a read-only disk)")
 	fs.IntVar(&o.numQueues, "num-queues", 16, "most virtqueues a front-end may use (QEMU's num-queues must not exceed it)")
@@ -201,8 +203,8 @@ func serve(args []string, stdout, stderr io.Writer) int {
 		if rbdSpec.Snap != "" {
 			o.readOnly = true
 		}
-	} else if o.cephConf != "" || o.cephUser != "" || o.cephKeyring != "" || o.rbdTimeout != 0 {
-		return fail("--ceph-conf, --ceph-user, --ceph-keyring and --rbd-timeout need --blk-rbd")
+	} else if o.cephConf != "" || o.cephUser != "" || o.cephKeyring != "" || o.rbdTimeout != 0 || o.rbdCache {
+		return fail("--ceph-conf, --ceph-user, --ceph-keyring, --rbd-timeout and --rbd-cache need --blk-rbd")
 	}
 	switch {
 	case o.blkFile == "" && o.blkRBD == "":
@@ -313,6 +315,7 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 		serial: o.serial, writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard,
 		writeLog: o.writeLog, socketUID: -1, socketGID: -1,
 		rbd: o.blkRBD, cephConf: o.cephConf, cephUser: o.cephUser, cephKeyring: o.cephKeyring, rbdTimeout: o.rbdTimeout,
+		rbdCache: o.rbdCache,
 	}, logger)
 	if err != nil {
 		logger.WithError(err).Error("cannot start the export")
