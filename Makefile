@@ -13,12 +13,16 @@ SIZE ?= 1G
 FUZZTIME ?= 60s
 FUZZ_PKGS := ./config ./virtio ./vhostuser ./vduse
 
-.PHONY: all build deps run test check unit crash e2e hostile fuzz install clean bench bench-guest
+.PHONY: all build deps run test check unit crash e2e hostile rbd fuzz install clean bench bench-rbd bench-guest
 
 all: build
 
+# vublk is built with RBD support (librbd through cgo, the "rbd" build tag; make deps installs
+# librbd-dev). TAGS= builds without it: RBD exports are then refused with one line saying so.
+TAGS ?= rbd
+
 build:
-	$(GO) build -o $(BIN) ./cmd/vublk
+	$(GO) build -tags "$(TAGS)" -o $(BIN) ./cmd/vublk
 
 # Everything the tests need: Debian packages, the guest kernel, Go modules.
 deps:
@@ -45,13 +49,14 @@ check:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt would change:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags rbd ./...
 	$(GO) vet -tags e2e ./tests/...
 	$(GO) run $(STATICCHECK) ./...
 	$(GO) run $(STATICCHECK) -tags e2e ./tests/...
 
 # Unit and table tests with the race detector; fuzz targets run their seed corpus.
 unit:
-	$(GO) test -race -count=1 -timeout 10m $$($(GO) list ./... | grep -v /tests/crash)
+	$(GO) test -race -tags "$(TAGS)" -count=1 -timeout 10m $$($(GO) list ./... | grep -v /tests/crash)
 
 # The randomized crash checker (prints how many crash points it checked, and that a barrier
 # that syncs before draining is caught).
@@ -73,14 +78,27 @@ e2e: $(GOTESTSUM)
 $(GOTESTSUM):
 	GOBIN=$(CURDIR)/bin $(GO) install gotest.tools/gotestsum@v1.13.0
 
-test: deps check unit crash e2e
+test: deps check unit crash e2e rbd
+
+# The RBD tests against a real single-node Ceph cluster (scripts/ceph-cluster.sh), started for
+# them and stopped after, also when they fail: the store's own tests, the crash workload through
+# the socket with vublk SIGKILLed, and the real-guest tests on an RBD export (both QEMUs).
+rbd: $(GOTESTSUM)
+	bash scripts/ceph-cluster.sh run $(GOTESTSUM) --format testname --hide-summary=skipped -- \
+	  -tags rbd,e2e -p 1 -count=1 -timeout 40m -run 'RBD|^TestStore|^TestOpen|^TestParseSpec' ./backend/rbd/ ./tests/crash/ ./tests/e2e/
 
 # vublk and qemu-storage-daemon side by side on a tmpfs file, 3 rounds of the same jobs, then the
 # in-guest comparison (bench-guest) (runs make deps first; about 10 minutes). ROUNDS, RUNTIME and RAMP
 # override scripts/bench.sh's defaults; ROUNDS and GUEST_SECONDS bench-guest's.
 bench: deps build
 	bash scripts/bench.sh
+	$(MAKE) --no-print-directory bench-rbd
 	$(MAKE) --no-print-directory bench-guest
+
+# The RBD rows: vublk --blk-rbd against qemu-storage-daemon's rbd driver on one image of a
+# single-node cluster started for it (scripts/bench-rbd.sh; ROUNDS, RUNTIME, SIZE_MB).
+bench-rbd: deps build
+	bash scripts/ceph-cluster.sh run bash scripts/bench-rbd.sh
 
 # The in-guest comparison: a TCG guest runs fio jobs against qemu-storage-daemon and vublk, and the
 # table shows each server's CPU time per I/O (make deps installs the guest kernel and tools).

@@ -90,7 +90,9 @@ type Engine struct {
 	observer     atomic.Pointer[observerRef]
 	writeThrough atomic.Bool
 	uring        *uringEngine // IOEngineURing with a RawIO store, else nil
-	inline       inlineGate   // whether SubmitIdle runs requests inline
+	async        AsyncIO      // the store, when it issues its own reads and writes
+	asyncDone    func(r *Request, err error)
+	inline       inlineGate // whether SubmitIdle runs requests inline
 	wg           sync.WaitGroup
 	closeOnce    sync.Once
 	Stats        Stats
@@ -160,6 +162,9 @@ func NewEngine(store Store, lanes int) *Engine {
 	e := &Engine{store: store, lanes: make([]lane, lanes)}
 	e.inline.init(DefaultInlineLimit)
 	e.barrier = NewBarrier(e.syncStore)
+	if a, ok := store.(AsyncIO); ok {
+		e.async, e.asyncDone = a, e.finishAsync
+	}
 	for i := range e.lanes {
 		l := &e.lanes[i]
 		l.ch = make(chan *Request, laneDepth)
@@ -239,7 +244,38 @@ func (e *Engine) Submit(r *Request) {
 	if u := e.uring; u != nil && (r.Op == OpRead || r.Op == OpWrite && !e.writeThrough.Load()) && u.submit(r) {
 		return
 	}
+	if e.async != nil && (r.Op == OpRead || r.Op == OpWrite && !e.writeThrough.Load()) && e.startAsync(r) {
+		return
+	}
 	e.lanes[e.next.Add(1)%uint32(len(e.lanes))].ch <- r
+}
+
+// startAsync hands r to an AsyncIO store, counting it first: r is not ours once started.
+func (e *Engine) startAsync(r *Request) bool {
+	ctr := &e.Stats.Reads
+	if r.Op == OpWrite {
+		ctr = &e.Stats.Writes
+	}
+	ctr.Add(1)
+	if e.async.StartIO(r, e.asyncDone) {
+		return true
+	}
+	ctr.Add(^uint64(0))
+	return false
+}
+
+// finishAsync completes a request an AsyncIO store has finished, as a lane would.
+func (e *Engine) finishAsync(r *Request, err error) {
+	r.Err = err
+	if err == nil {
+		n := uint64(totalLen(r.Bufs))
+		if r.Op == OpWrite {
+			e.Stats.BytesWritten.Add(n)
+		} else {
+			e.Stats.BytesRead.Add(n)
+		}
+	}
+	e.finish(r)
 }
 
 // URingInflight is how many requests are on the io_uring now (0 without

@@ -55,10 +55,10 @@ func (e *Engine) SetInlineLimit(d time.Duration) { e.inline.limit.Store(int64(ma
 // a network file system) sends requests to the lanes again, so that the
 // caller can go on popping; only the request that turned the store slow may
 // have held the caller. With io_uring, r goes to the ring, where a request
-// that completes at once is completed by the caller too. It reports whether
-// r ran inline.
+// that completes at once is completed by the caller too; with an AsyncIO
+// store (RBD), r is started there. It reports whether r ran inline.
 func (e *Engine) SubmitIdle(r *Request) (inline bool) {
-	if e.uring != nil || (r.Op != OpRead && r.Op != OpWrite) || !e.inline.open() {
+	if e.uring != nil || e.async != nil || (r.Op != OpRead && r.Op != OpWrite) || !e.inline.open() {
 		e.Submit(r)
 		return false
 	}

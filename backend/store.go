@@ -65,3 +65,14 @@ type DurableWriter interface {
 type RawIO interface {
 	RawFD(write bool, bufs [][]byte, off int64) (fd int, ok bool, err error)
 }
+
+// AsyncIO is implemented by stores that issue reads and writes themselves and complete them
+// later, from a goroutine of their own (librbd's aio): the Engine then hands reads and writes
+// (not write-through writes) to StartIO instead of a lane, so that no lane waits for them.
+type AsyncIO interface {
+	// StartIO starts r (OpRead or OpWrite, with r.Bufs and r.Offset) and reports true; done is
+	// then called exactly once with r and the result, from any goroutine, possibly before StartIO
+	// returns. It reports false without touching r when r must run on a lane instead (no
+	// capacity left, buffers it cannot take).
+	StartIO(r *Request, done func(r *Request, err error)) bool
+}

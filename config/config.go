@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"time"
 
 	"github.com/BurntSushi/toml"
 )
@@ -112,6 +113,15 @@ type Export struct {
 	// VDUSEBus is vduse_bus: VDUSEBusVirtio (default; a /dev/vdX of this host) or VDUSEBusVhost
 	// (a /dev/vhost-vdpa-N for QEMU).
 	VDUSEBus string
+
+	// An RBD image instead of File: rbd = "pool/image" (or "pool/namespace/image", or
+	// "pool/image@snap", served read-only), with the cluster's settings.
+	RBD         string        // rbd; "" for a file export
+	CephConf    string        // ceph_conf: absolute path of the ceph.conf; "" is librados' default
+	CephUser    string        // ceph_user: cephx user without "client."; "" is admin
+	CephKeyring string        // ceph_keyring: absolute path of the keyring; "" is what ceph.conf says
+	RBDTimeout  time.Duration // rbd_timeout: a request the cluster has not answered by then fails; 0 waits
+	RBDCache    bool          // rbd_cache: librbd's cache as ceph.conf says; false (default) turns it off
 
 	Line int // the line of the [[export]] header, for messages at run time
 }

@@ -336,11 +336,16 @@ func (p *parser) decodeExport(t *table, g *Global) Export {
 		p.errorf(t.path("socket_path"), "missing: give socket_path (or fd, an inherited listening socket, or vduse, a VDUSE device name)")
 	}
 
+	_, rbdThere := t.m["rbd"]
 	if f, ok := t.filePath("file"); ok {
 		e.File = f
-	} else if _, there := t.m["file"]; !there {
-		p.errorf(t.path("file"), "missing: give the file or block device to export")
+		if rbdThere {
+			p.errorf(t.path("rbd"), "file and rbd exclude each other: give one")
+		}
+	} else if _, there := t.m["file"]; !there && !rbdThere {
+		p.errorf(t.path("file"), "missing: give the file or block device to export (or rbd, an RBD image)")
 	}
+	p.decodeRBD(t, &e, rbdThere)
 
 	if n, ok := t.oneOfInt("logical_block_size", 512, 4096); ok {
 		e.LogicalBlockSize = n
@@ -361,6 +366,12 @@ func (p *parser) decodeExport(t *table, g *Global) Export {
 		e.ReadOnly = b
 		if b && e.Resize {
 			p.errorf(t.path("resize"), "a read-only export cannot resize its file")
+		}
+	}
+	if e.RBDSnap() && !e.ReadOnly {
+		e.ReadOnly = true // a snapshot is served read-only
+		if e.Resize {
+			p.errorf(t.path("resize"), "a snapshot is read-only: it cannot be resized")
 		}
 	}
 	if n, ok := t.integer("num_queues", 1, MaxNumQueues); ok {

@@ -57,6 +57,17 @@ func (p *parser) validateExport(key string, e *Export) {
 		}
 	}
 
+	for _, f := range []struct{ key, path string }{{"ceph_conf", e.CephConf}, {"ceph_keyring", e.CephKeyring}} {
+		if f.path == "" {
+			continue
+		}
+		if fi, err := os.Stat(f.path); err != nil {
+			p.errorf(key+"."+f.key, "%s: %v", f.path, unwrapPath(err))
+		} else if !fi.Mode().IsRegular() {
+			p.errorf(key+"."+f.key, "%s is not a regular file", f.path)
+		}
+	}
+
 	if e.WriteLog != "" {
 		fi, err := os.Stat(e.WriteLog)
 		switch {
@@ -136,6 +147,7 @@ func (p *parser) crossCheck(cfg *Config) {
 	fds := map[int]int{}
 	vduses := map[string]int{}
 	var claims []claim
+	images := map[string]int{} // writable RBD images, by "pool/image" and cluster
 	if path, ok := strings.CutPrefix(cfg.Global.MetricsAddress, "unix:"); ok {
 		c := claim{export: "", index: -1, key: "global.metrics_address", what: "metrics socket", path: path}
 		if fi, err := os.Stat(path); err == nil {
@@ -158,6 +170,14 @@ func (p *parser) crossCheck(cfg *Config) {
 				p.errorf(key+".vduse", "VDUSE device %q is also export %q's (line %d)", e.VDUSE, cfg.Exports[j].Name, cfg.Exports[j].Line)
 			} else {
 				vduses[e.VDUSE] = i
+			}
+		}
+		if e.RBD != "" && !e.RBDSnap() && !e.ReadOnly {
+			img := e.CephConf + "\x00" + e.RBD
+			if j, dup := images[img]; dup {
+				p.errorf(key+".rbd", "%s is also the image of export %q (line %d): two exports on one image would corrupt it", e.RBD, cfg.Exports[j].Name, cfg.Exports[j].Line)
+			} else {
+				images[img] = i
 			}
 		}
 		if e.FD >= 0 {

@@ -15,6 +15,9 @@ packages=(
   qemu-system-x86 qemu-system-common qemu-utils
   busybox-static fio e2fsprogs util-linux cpio kmod zstd xz-utils debootstrap
   libvirt-clients libxml2-utils
+  # RBD: librbd to build vublk with, a single-node cluster for the tests (scripts/ceph-cluster.sh),
+  # and qemu-storage-daemon's rbd driver for make bench.
+  librbd-dev librados-dev ceph-mon ceph-osd ceph-common qemu-block-extra
 )
 
 need=()

@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
 	"github.com/vublk/vublk/backend"
+	"github.com/vublk/vublk/backend/rbd"
 	"github.com/vublk/vublk/vduse"
 	"github.com/vublk/vublk/vhostuser"
 	"github.com/vublk/vublk/virtio"
@@ -32,6 +34,13 @@ type exportSpec struct {
 	blockSize  int
 	discard    bool
 	writeLog   string
+	// An RBD image instead of file ("pool/image[@snap]"), and the cluster's settings.
+	rbd         string
+	cephConf    string
+	cephUser    string
+	cephKeyring string
+	rbdTimeout  time.Duration
+	rbdCache    bool // librbd's cache as ceph.conf says (acknowledged writes die with vublk)
 	// Socket ownership and mode, so that QEMU running as another user (libvirt's) can connect;
 	// -1 and 0 leave them as they are.
 	socketUID, socketGID int
@@ -45,8 +54,9 @@ type exportSpec struct {
 type export struct {
 	spec   exportSpec
 	log    *logrus.Entry
-	file   *backend.FileStore
-	store  backend.Store // file, or the write log around it
+	file   *backend.FileStore // nil for an RBD export
+	image  *rbd.Store         // nil for a file export
+	store  backend.Store      // file or image, or the write log around it
 	engine *backend.Engine
 	dev    *virtio.BlkDevice
 	srv    *vhostuser.Server // or vd
@@ -57,22 +67,23 @@ type export struct {
 // startExport opens the backing file, starts the lanes, listens on the socket and serves.
 func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 	e := &export{spec: spec, log: logger.WithField("export", spec.name), served: make(chan error, 1)}
-	file, err := backend.OpenFile(spec.file, backend.FileOptions{
-		ReadOnly: spec.readOnly, CreateSize: spec.size, Resize: spec.resize,
-		Direct: spec.direct, LogicalBlockSize: spec.blockSize,
-	})
+	var err error
+	if spec.rbd != "" {
+		err = e.openImage()
+	} else {
+		err = e.openFile()
+	}
 	if err != nil {
 		return nil, fmt.Errorf("export %s: %w", spec.name, err)
 	}
-	e.file, e.store = file, file
-	if spec.size > 0 && file.Size() != spec.size {
-		e.log.WithFields(logrus.Fields{"file_size": file.Size(), "size": spec.size}).
-			Warn("the configured size differs from the existing file's size; keeping the file's size (use --resize, or resize = true in the config, to change it)")
+	if spec.size > 0 && e.store.Size() != spec.size {
+		e.log.WithFields(logrus.Fields{"current_size": e.store.Size(), "size": spec.size}).
+			Warn("the configured size differs from the existing file's or image's size; keeping it (use --resize, or resize = true in the config, to change it)")
 	}
 	if spec.writeLog != "" {
-		ls, err := backend.NewLoggingStore(file, spec.writeLog)
+		ls, err := backend.NewLoggingStore(e.store, spec.writeLog)
 		if err != nil {
-			file.Close()
+			e.store.Close()
 			return nil, fmt.Errorf("export %s: write log: %w", spec.name, err)
 		}
 		e.store = ls
@@ -82,16 +93,21 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 		e.store.Close()
 		return nil, engineError{fmt.Errorf("export %s: %w", spec.name, err)}
 	}
-	capacity := file.Size() / int64(spec.blockSize) * int64(spec.blockSize)
+	capacity := e.store.Size() / int64(spec.blockSize) * int64(spec.blockSize)
+	physBlock := 0
+	if e.file != nil {
+		physBlock = e.file.PhysicalBlockSize()
+	}
+	readOnly := spec.readOnly || e.image != nil && e.image.ReadOnly()
 	e.dev = virtio.NewBlkDevice(e.engine, virtio.BlkConfig{
 		Capacity:          uint64(capacity),
 		BlockSize:         uint32(spec.blockSize),
-		PhysicalBlockSize: uint32(file.PhysicalBlockSize()),
+		PhysicalBlockSize: uint32(physBlock),
 		NumQueues:         uint16(spec.numQueues),
-		ReadOnly:          spec.readOnly,
+		ReadOnly:          readOnly,
 		Serial:            spec.serial,
 		Writeback:         spec.writeback,
-		Discard:           spec.discard && !spec.readOnly,
+		Discard:           spec.discard && !readOnly,
 	}, e.log)
 
 	if spec.vduse != "" {
@@ -120,11 +136,16 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 	if spec.writeback {
 		mode = "writeback"
 	}
-	e.log.WithFields(logrus.Fields{
-		"socket": ln.Addr().String(), "file": spec.file, "size": capacity, "read_only": spec.readOnly,
+	fields := logrus.Fields{
+		"socket": ln.Addr().String(), "size": capacity, "read_only": readOnly,
 		"lanes": spec.lanes, "num_queues": spec.numQueues, "write_cache": mode, "serial": spec.serial,
-		"direct": spec.direct, "io_engine": spec.ioEngine,
-	}).Info("export ready")
+	}
+	if e.image != nil {
+		fields["rbd"], fields["librbd"], fields["rbd_cache"] = spec.rbd, rbd.LibraryVersion(), spec.rbdCache
+	} else {
+		fields["file"], fields["direct"], fields["io_engine"] = spec.file, spec.direct, spec.ioEngine
+	}
+	e.log.WithFields(fields).Info("export ready")
 	return e, nil
 }
 
@@ -212,14 +233,14 @@ func (e *export) resize(size int64) error {
 		return nil
 	}
 	if capacity > old {
-		if err := e.file.Resize(size); err != nil {
+		if err := e.resizeStore(size); err != nil {
 			return err
 		}
 		e.dev.SetCapacity(uint64(capacity))
 	} else {
 		// Shrinking: stop accepting requests beyond the new end before the file shrinks.
 		e.dev.SetCapacity(uint64(capacity))
-		if err := e.file.Resize(size); err != nil {
+		if err := e.resizeStore(size); err != nil {
 			e.dev.SetCapacity(uint64(old))
 			return err
 		}
@@ -238,4 +259,50 @@ func (e *export) resize(size int64) error {
 	}
 	log.Info("export resized")
 	return nil
+}
+
+// openFile opens the export's backing file or block device.
+func (e *export) openFile() error {
+	file, err := backend.OpenFile(e.spec.file, backend.FileOptions{
+		ReadOnly: e.spec.readOnly, CreateSize: e.spec.size, Resize: e.spec.resize,
+		Direct: e.spec.direct, LogicalBlockSize: e.spec.blockSize,
+	})
+	if err != nil {
+		return err
+	}
+	e.file, e.store = file, file
+	return nil
+}
+
+// openImage connects to the Ceph cluster and opens the export's RBD image (creating it with a
+// size), or its snapshot read-only.
+func (e *export) openImage() error {
+	spec, err := rbd.ParseSpec(e.spec.rbd)
+	if err != nil {
+		return err
+	}
+	img, err := rbd.Open(spec, rbd.Options{
+		ConfFile: e.spec.cephConf, User: e.spec.cephUser, Keyring: e.spec.cephKeyring,
+		ReadOnly: e.spec.readOnly, CreateSize: e.spec.size, Resize: e.spec.resize, Timeout: e.spec.rbdTimeout,
+		Cache: e.spec.rbdCache,
+		// For measurements: blocking librbd calls on the lanes instead of aio (README, "Ceph RBD").
+		NoAIO: os.Getenv("VUBLK_RBD_NO_AIO") == "1",
+	})
+	if err != nil {
+		return err
+	}
+	if img.Size()%int64(e.spec.blockSize) != 0 {
+		e.log.WithFields(logrus.Fields{"image_size": img.Size(), "block_size": e.spec.blockSize}).
+			Warn("the image's size is not a multiple of the logical block size; the guest sees it rounded down")
+	}
+	e.image, e.store = img, img
+	return nil
+}
+
+// resizeStore resizes the file or image.
+func (e *export) resizeStore(size int64) error {
+	if e.image != nil {
+		return e.image.Resize(size)
+	}
+	return e.file.Resize(size)
 }

@@ -14,10 +14,12 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"syscall"
+	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/sirupsen/logrus"
 
+	"github.com/vublk/vublk/backend/rbd"
 	"github.com/vublk/vublk/config"
 	"github.com/vublk/vublk/virtio"
 )
@@ -35,6 +37,7 @@ Usage:
   vublk serve --socket-path PATH --blk-file PATH [options]
   vublk serve --fd N --blk-file PATH [options]
   vublk serve --vduse NAME [--vduse-bus virtio|vhost] --blk-file PATH [options]
+  vublk serve --socket-path PATH --blk-rbd POOL/IMAGE[@SNAP] [--ceph-conf FILE] [options]
   vublk serve --config FILE
   vublk replay --log PATH [--base IMAGE] --out IMAGE [--mark N] [--crash --seed S]
   vublk check --config FILE
@@ -83,29 +86,35 @@ var capabilities = struct {
 }{"block", []string{"read-only", "blk-file"}}
 
 type serveOptions struct {
-	config     string
-	socketPath string
-	fd         int
-	blkFile    string
-	readOnly   bool
-	numQueues  int
-	lanes      int
-	direct     bool
-	ioEngine   string
-	serial     string
-	size       string
-	resize     bool
-	writeCache string
-	blockSize  int
-	noDiscard  bool
-	name       string
-	writeLog   string
-	logLevel   string
-	logFormat  string
-	printCaps  bool
-	cpuProfile string
-	vduse      string
-	vduseBus   string
+	config      string
+	socketPath  string
+	fd          int
+	blkFile     string
+	blkRBD      string
+	cephConf    string
+	cephUser    string
+	cephKeyring string
+	rbdTimeout  time.Duration
+	rbdCache    bool
+	readOnly    bool
+	numQueues   int
+	lanes       int
+	direct      bool
+	ioEngine    string
+	serial      string
+	size        string
+	resize      bool
+	writeCache  string
+	blockSize   int
+	noDiscard   bool
+	name        string
+	writeLog    string
+	logLevel    string
+	logFormat   string
+	printCaps   bool
+	cpuProfile  string
+	vduse       string
+	vduseBus    string
 }
 
 func serve(args []string, stdout, stderr io.Writer) int {
@@ -115,6 +124,12 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.socketPath, "socket-path", "", "unix socket to listen on for the vhost-user front-end (QEMU)")
 	fs.IntVar(&o.fd, "fd", -1, "inherited listening unix socket descriptor, instead of --socket-path")
 	fs.StringVar(&o.blkFile, "blk-file", "", "file or block device to export")
+	fs.StringVar(&o.blkRBD, "blk-rbd", "", "Ceph RBD image to export instead: POOL/IMAGE, POOL/NAMESPACE/IMAGE, or POOL/IMAGE@SNAP (read-only)")
+	fs.StringVar(&o.cephConf, "ceph-conf", "", "with --blk-rbd: the ceph.conf (default: librados' search, /etc/ceph/ceph.conf)")
+	fs.StringVar(&o.cephUser, "ceph-user", "", "with --blk-rbd: the cephx user, without \"client.\" (default admin)")
+	fs.StringVar(&o.cephKeyring, "ceph-keyring", "", "with --blk-rbd: the keyring file (default: what the ceph.conf says)")
+	fs.BoolVar(&o.rbdCache, "rbd-cache", false, "with --blk-rbd: let librbd's cache run as ceph.conf says (faster writes, but writes completed since the last flush are lost if vublk dies)")
+	fs.DurationVar(&o.rbdTimeout, "rbd-timeout", 0, "with --blk-rbd: fail a request the cluster has not answered after this long (e.g. 30s; 0 waits)")
 	fs.BoolVar(&o.readOnly, "read-only", false, "export read-only (the guest sees a read-only disk)")
 	fs.IntVar(&o.numQueues, "num-queues", 16, "most virtqueues a front-end may use (QEMU's num-queues must not exceed it)")
 	fs.IntVar(&o.lanes, "lanes", runtime.NumCPU(), "parallel I/O lanes (file workers)")
@@ -164,8 +179,8 @@ func serve(args []string, stdout, stderr io.Writer) int {
 		return fail("unexpected argument %q", fs.Arg(0))
 	}
 	if o.config != "" {
-		if o.blkFile != "" || o.socketPath != "" || o.fd >= 0 || o.vduse != "" {
-			return fail("--config cannot be combined with --blk-file, --socket-path, --fd or --vduse: put the export in the file")
+		if o.blkFile != "" || o.blkRBD != "" || o.socketPath != "" || o.fd >= 0 || o.vduse != "" {
+			return fail("--config cannot be combined with --blk-file, --blk-rbd, --socket-path, --fd or --vduse: put the export in the file")
 		}
 		return serveConfig(o.config, stderr)
 	}
@@ -173,9 +188,32 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail("%v", err)
 	}
+	var rbdSpec rbd.Spec
+	if o.blkFile != "" && o.blkRBD != "" {
+		return fail("--blk-file and --blk-rbd exclude each other: give one")
+	}
+	if o.blkRBD != "" {
+		if rbdSpec, err = rbd.ParseSpec(o.blkRBD); err != nil {
+			return fail("--blk-rbd: %v", err)
+		}
+		if !rbd.Built {
+			return fail("--blk-rbd: %v", rbd.ErrNotBuilt)
+		}
+		if o.rbdTimeout < 0 || o.rbdTimeout > 0 && o.rbdTimeout < time.Second {
+			return fail("--rbd-timeout must be 0 (wait) or at least 1s, not %v", o.rbdTimeout)
+		}
+		if o.direct || o.ioEngine != config.IOEngineLanes {
+			return fail("--direct and --io-engine apply to --blk-file only (RBD reads and writes are librbd aio)")
+		}
+		if rbdSpec.Snap != "" {
+			o.readOnly = true
+		}
+	} else if o.cephConf != "" || o.cephUser != "" || o.cephKeyring != "" || o.rbdTimeout != 0 || o.rbdCache {
+		return fail("--ceph-conf, --ceph-user, --ceph-keyring, --rbd-timeout and --rbd-cache need --blk-rbd")
+	}
 	switch {
-	case o.blkFile == "":
-		return fail("--blk-file is required")
+	case o.blkFile == "" && o.blkRBD == "":
+		return fail("--blk-file is required (or --blk-rbd for an RBD image)")
 	case o.vduse != "" && (o.socketPath != "" || o.fd >= 0):
 		return fail("--vduse excludes --socket-path and --fd: a VDUSE export serves this host's kernel, not QEMU")
 	case o.vduse == "" && (o.socketPath == "") == (o.fd < 0):
@@ -209,11 +247,19 @@ func serve(args []string, stdout, stderr io.Writer) int {
 			return fail("--socket-path %s exists and is not a socket", o.socketPath)
 		}
 	}
-	if _, err := os.Stat(o.blkFile); err != nil && (size == 0 || !errors.Is(err, os.ErrNotExist)) {
+	if o.blkRBD != "" {
+		// The image is looked up when the export starts.
+	} else if _, err := os.Stat(o.blkFile); err != nil && (size == 0 || !errors.Is(err, os.ErrNotExist)) {
 		if errors.Is(err, os.ErrNotExist) {
 			return fail("--blk-file %s does not exist (give --size to create it)", o.blkFile)
 		}
 		return fail("--blk-file %s: %v", o.blkFile, err)
+	}
+	if o.name == "" && o.blkRBD != "" {
+		o.name = rbdSpec.Image
+		if rbdSpec.Snap != "" {
+			o.name += "@" + rbdSpec.Snap
+		}
 	}
 	if o.name == "" {
 		o.name = filepath.Base(o.blkFile)
@@ -277,6 +323,8 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 		readOnly: o.readOnly, numQueues: o.numQueues, lanes: o.lanes, direct: o.direct, ioEngine: o.ioEngine,
 		serial: o.serial, writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard,
 		writeLog: o.writeLog, socketUID: -1, socketGID: -1, vduse: o.vduse, vduseBus: o.vduseBus,
+		rbd: o.blkRBD, cephConf: o.cephConf, cephUser: o.cephUser, cephKeyring: o.cephKeyring, rbdTimeout: o.rbdTimeout,
+		rbdCache: o.rbdCache,
 	}, logger)
 	if err != nil {
 		logger.WithError(err).Error("cannot start the export")

@@ -136,6 +136,8 @@ func specFromConfig(ec config.Export) exportSpec {
 		serial: ec.Serial, writeback: ec.Writeback(), blockSize: ec.LogicalBlockSize, discard: ec.Discard,
 		writeLog: ec.WriteLog, socketUID: ec.SocketUID, socketGID: ec.SocketGID, socketMode: ec.SocketMode,
 		vduse: ec.VDUSE, vduseBus: ec.VDUSEBus,
+		rbd: ec.RBD, cephConf: ec.CephConf, cephUser: ec.CephUser, cephKeyring: ec.CephKeyring, rbdTimeout: ec.RBDTimeout,
+		rbdCache: ec.RBDCache,
 	}
 }
 

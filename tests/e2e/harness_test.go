@@ -145,7 +145,7 @@ func setup(m *testing.M) (int, error) {
 		return 0, err
 	}
 	env.vublk = filepath.Join(env.work, "vublk")
-	build := exec.Command("go", "build", "-o", env.vublk, "./cmd/vublk")
+	build := exec.Command("go", "build", "-tags", vublkBuildTags(), "-o", env.vublk, "./cmd/vublk")
 	build.Dir = root
 	if out, err := build.CombinedOutput(); err != nil {
 		return 0, fmt.Errorf("building vublk: %v\n%s", err, out)

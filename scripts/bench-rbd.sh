@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The RBD rows of make bench: the same vublk bench jobs against qemu-storage-daemon's rbd driver
+# (Debian's qemu-block-extra) and vublk --blk-rbd, serving the same image of the same cluster,
+# alternating, ROUNDS rounds, then the medians and the ratios vublk/QSD.
+#
+# It needs a cluster: with VUBLK_CEPH_CONF set (eval $(scripts/ceph-cluster.sh start)) it uses
+# that one; make bench runs it inside `scripts/ceph-cluster.sh run`, a cluster of its own.
+#
+# Environment: ROUNDS (3), RUNTIME (5s per job), RAMP (1s), SIZE_MB (512: the image, written
+# once before the runs so that reads hit data), QUEUES (2), OUT (bin/bench-rbd-results.jsonl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+RUNTIME=${RUNTIME:-5s}
+RAMP=${RAMP:-1s}
+SIZE_MB=${SIZE_MB:-512}
+QUEUES=${QUEUES:-2}
+OUT=${OUT:-bin/bench-rbd-results.jsonl}
+VUBLK=bin/vublk
+QSD=$(command -v qemu-storage-daemon || true)
+: "${VUBLK_CEPH_CONF:?no cluster: eval \$(scripts/ceph-cluster.sh start) first, or run make bench}"
+: "${VUBLK_CEPH_KEYRING:?}" "${VUBLK_CEPH_POOL:?}"
+
+[ -n "$QSD" ] || { echo "bench-rbd: qemu-storage-daemon is not installed (make deps)" >&2; exit 1; }
+[ -x "$VUBLK" ] || { echo "bench-rbd: $VUBLK is missing (make build)" >&2; exit 1; }
+
+jobs=(
+  "--rw randread  --bs 4k  --iodepth 1  --queues 1"
+  "--rw randread  --bs 4k  --iodepth 32 --queues 2"
+  "--rw randwrite --bs 4k  --iodepth 1  --queues 1"
+  "--rw randwrite --bs 4k  --iodepth 32 --queues 2"
+  "--rw randwrite --bs 4k  --iodepth 32 --queues 1 --flush-every 32"
+  "--rw read      --bs 64k --iodepth 8  --queues 1"
+)
+
+dir=$(mktemp -d /tmp/vublk-bench-rbd.XXXXXX)
+sock=$dir/server.sock
+name=bench-$$
+image=$VUBLK_CEPH_POOL/$name
+server_pid=""
+rbdcli() { rbd -c "$VUBLK_CEPH_CONF" -k "$VUBLK_CEPH_KEYRING" "$@"; }
+
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  fi
+  rm -f "$sock"
+}
+cleanup() {
+  stop_server
+  rbdcli rm --no-progress "$image" >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+start_server() {
+  case $1 in
+  qsd)
+    # cache.direct=on turns librbd's cache off (rbd_cache=false), as vublk does by default.
+    "$QSD" \
+      --blockdev "driver=rbd,node-name=r,pool=$VUBLK_CEPH_POOL,image=$name,conf=$VUBLK_CEPH_CONF,user=admin,cache.direct=on" \
+      --export "type=vhost-user-blk,id=e,node-name=r,addr.type=unix,addr.path=$sock,writable=on,num-queues=$QUEUES" \
+      >"$dir/qsd.log" 2>&1 &
+    ;;
+  vublk)
+    "$VUBLK" serve --socket-path "$sock" --blk-rbd "$image" --ceph-conf "$VUBLK_CEPH_CONF" \
+      --ceph-keyring "$VUBLK_CEPH_KEYRING" --num-queues "$QUEUES" --log-level warn >"$dir/vublk.log" 2>&1 &
+    ;;
+  esac
+  server_pid=$!
+  for _ in $(seq 100); do
+    [ -S "$sock" ] && return 0
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "bench-rbd: $1 did not start:" >&2
+  cat "$dir/$1.log" >&2
+  exit 1
+}
+
+rbdcli create --size "${SIZE_MB}M" --image-feature layering "$image"
+rbdcli bench --io-type write --io-pattern seq --io-size 4M --io-total "${SIZE_MB}M" "$image" >/dev/null
+mkdir -p "$(dirname "$OUT")"
+: >"$OUT"
+
+echo "bench-rbd: $($QSD --version | head -n 1) vs vublk ($(git describe --always --dirty 2>/dev/null || echo unknown)), $(nproc) CPUs"
+echo "bench-rbd: ${SIZE_MB} MiB RBD image, one OSD, $QUEUES queues per server, ${#jobs[@]} jobs x $RUNTIME (+$RAMP warm-up), $ROUNDS rounds"
+for round in $(seq "$ROUNDS"); do
+  if [ $((round % 2)) -eq 1 ]; then order="qsd vublk"; else order="vublk qsd"; fi
+  for server in $order; do
+    start_server "$server"
+    for job in "${jobs[@]}"; do
+      # shellcheck disable=SC2086 # the job's options are words
+      line=$("$VUBLK" bench --socket "$sock" --server-pid "$server_pid" --label "$server" --json \
+        --runtime "$RUNTIME" --ramp "$RAMP" --size "$((SIZE_MB / 2))M" $job)
+      echo "$line" >>"$OUT"
+      jname=$(grep -o '"name":"[^"]*"' <<<"$line" | head -n 1 | cut -d'"' -f4)
+      iops=$(grep -o '"iops":[0-9.]*' <<<"$line" | cut -d: -f2)
+      printf 'bench-rbd: round %d/%d %-6s %-30s %8.0f IOPS\n' "$round" "$ROUNDS" "$server" "$jname" "$iops"
+    done
+    stop_server
+  done
+done
+
+echo
+"$VUBLK" bench summary --base qsd "$OUT"
+echo
+echo "bench-rbd: every run is in $OUT"
