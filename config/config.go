@@ -56,6 +56,8 @@ type Config struct {
 	File    string // the name it was loaded from
 	Global  Global
 	Exports []Export
+	// IOGroups are the [[io_group]] tables: I/O limits shared by the exports that name them.
+	IOGroups []IOGroup
 }
 
 // Global holds the settings of the [global] table, which apply to the whole service.
@@ -99,6 +101,11 @@ type Export struct {
 	SocketMode  os.FileMode // socket_mode: an octal string like "0660"; 0 when not set (leave it to the umask)
 
 	WriteLog string // write_log: absolute path of the write log (see vublk replay); "" is off
+
+	// I/O limits (limits.go): the export's own, or those of its io_group (then Limits is
+	// zero). Diff treats a change of either as one to apply live.
+	Limits  Limits
+	IOGroup string // io_group: the name of an [[io_group]]; "" is none
 
 	Line int // the line of the [[export]] header, for messages at run time
 }
