@@ -18,6 +18,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/sirupsen/logrus"
 
+	"github.com/vublk/vublk/backend"
 	"github.com/vublk/vublk/config"
 	"github.com/vublk/vublk/virtio"
 )
@@ -103,6 +104,7 @@ type serveOptions struct {
 	logFormat  string
 	printCaps  bool
 	cpuProfile string
+	limits     limitFlags
 }
 
 func serve(args []string, stdout, stderr io.Writer) int {
@@ -129,6 +131,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.BoolVar(&o.printCaps, "print-capabilities", false, "print the back-end capabilities as JSON and exit")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the server to this file until it exits (go tool pprof)")
+	o.limits.register(fs)
 	if code, ok := parseFlags(fs, args, stdout, stderr); !ok {
 		return code
 	}
@@ -186,6 +189,10 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	case len(o.serial) > virtio.BlkIDBytes:
 		return fail("--serial %q is longer than %d bytes", o.serial, virtio.BlkIDBytes)
 	}
+	limits, err := o.limits.limits()
+	if err != nil {
+		return fail("%v", err)
+	}
 	var size int64
 	if o.size != "" {
 		if size, err = config.ParseSize(o.size); err != nil {
@@ -215,7 +222,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 			o.serial = o.serial[:virtio.BlkIDBytes]
 		}
 	}
-	return runExport(o, size, log)
+	return runExport(o, size, limits, log)
 }
 
 // parseFlags parses args into fs. -h prints the options to stdout; a bad flag is one line on
@@ -257,7 +264,7 @@ func newLogger(level, format string, w io.Writer) (*logrus.Logger, error) {
 }
 
 // runExport serves one export from flags until SIGINT or SIGTERM.
-func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
+func runExport(o serveOptions, size int64, limits backend.Limits, logger *logrus.Logger) int {
 	// Take over SIGINT and SIGTERM before announcing readiness: from "export ready" on, a signal
 	// means drain, sync and exit 0.
 	sigs := make(chan os.Signal, 1)
@@ -267,7 +274,7 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 		name: o.name, socketPath: o.socketPath, fd: o.fd, file: o.blkFile, size: size, resize: o.resize,
 		readOnly: o.readOnly, numQueues: o.numQueues, lanes: o.lanes, direct: o.direct, ioEngine: o.ioEngine,
 		serial: o.serial, writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard,
-		writeLog: o.writeLog, socketUID: -1, socketGID: -1,
+		writeLog: o.writeLog, socketUID: -1, socketGID: -1, limits: limits,
 	}, logger)
 	if err != nil {
 		logger.WithError(err).Error("cannot start the export")
