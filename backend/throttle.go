@@ -72,9 +72,12 @@ func (l Limits) Validate() error {
 const (
 	numBuckets = 6
 	// baseCredit is how much of its average rate a bucket may save up
-	// beyond any burst: enough that a smooth stream at the limit is not
-	// delayed by timer slack, small against a measurement over seconds.
-	baseCredit = 50 * time.Millisecond
+	// beyond any burst (QEMU's throttle allows a tenth of a second too): a
+	// dispatcher that runs late, on a busy host, catches up on that much
+	// instead of losing it; small against a measurement over seconds.
+	baseCredit = 100 * time.Millisecond
+	// peakCredit is the same for the bucket that holds a burst at its max.
+	peakCredit = 50 * time.Millisecond
 	// minWait is the shortest the dispatcher sleeps: it then admits what
 	// has accumulated, in one batch.
 	minWait = 500 * time.Microsecond
@@ -134,7 +137,7 @@ func (lim *limiter) set(l Limits, old *limiter) {
 				}
 				a.capacity += float64(r.Max-r.Avg) * length.Seconds()
 				p.rate = float64(r.Max)
-				p.capacity = p.rate * baseCredit.Seconds()
+				p.capacity = p.rate * peakCredit.Seconds()
 				p.tokens = p.capacity
 			}
 			a.tokens = a.capacity

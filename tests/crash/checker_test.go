@@ -60,6 +60,9 @@ type rigConfig struct {
 	// inline: one request in flight per queue on a fast store, so that requests run on the
 	// queues' goroutines (SubmitIdle), not on lanes.
 	inline bool
+	// throttle: the export has I/O limits (a write IOPS limit with a burst), so that requests
+	// wait in the throttle's queue, admitted through the barrier, before they reach a lane.
+	throttle bool
 }
 
 func (c rigConfig) String() string {
@@ -72,6 +75,9 @@ func (c rigConfig) String() string {
 	}
 	if c.inline {
 		s += "/inline-qd1"
+	}
+	if c.throttle {
+		s += "/limited"
 	}
 	return s
 }
@@ -90,6 +96,12 @@ func startRig(t *testing.T, c rigConfig) *rig {
 		engine.SetInlineLimit(time.Second)
 	}
 	engine.Barrier().SetUnsafeSyncBeforeDrain(c.broken)
+	if c.throttle {
+		engine.SetThrottle(backend.NewThrottle(backend.Limits{
+			IOPSWrite: backend.Rate{Avg: 3000, Max: 6000, MaxLength: time.Second},
+			BPS:       backend.Rate{Avg: 16 << 20},
+		}))
+	}
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{
@@ -286,6 +298,7 @@ func TestCrashConsistency(t *testing.T) {
 		configs = append(configs, rigConfig{lanes: 2, queues: 2, writeThrough: wt}, rigConfig{lanes: 8, queues: 4, writeThrough: wt})
 	}
 	configs = append(configs, rigConfig{lanes: 2, queues: 4, inline: true}, rigConfig{lanes: 2, queues: 2, writeThrough: "config", inline: true})
+	configs = append(configs, rigConfig{lanes: 2, queues: 4, throttle: true}, rigConfig{lanes: 2, queues: 2, inline: true, throttle: true})
 	total, totalOps := 0, int64(0)
 	start := time.Now()
 	for i, c := range configs {
@@ -307,7 +320,7 @@ func TestCrashConsistency(t *testing.T) {
 // crash drops a write the flush should have covered, so the crash points follow completed flushes.
 func TestCrashCheckerCatchesSyncBeforeDrain(t *testing.T) {
 	const maxPoints = 600
-	for i, c := range []rigConfig{{lanes: 8, queues: 4, broken: true}, {lanes: 2, queues: 1, broken: true}} {
+	for i, c := range []rigConfig{{lanes: 8, queues: 4, broken: true}, {lanes: 2, queues: 1, broken: true}, {lanes: 2, queues: 4, broken: true, throttle: true}} {
 		t.Run(c.String(), func(t *testing.T) {
 			points, bad, examples, _ := crashRun(t, c, uint64(100+i), maxPoints, true)
 			if bad == 0 {
