@@ -61,7 +61,8 @@ type rigConfig struct {
 	// queues' goroutines (SubmitIdle), not on lanes.
 	inline bool
 	// throttle: the export has I/O limits (a write IOPS limit with a burst), so that requests
-	// wait in the throttle's queue, admitted through the barrier, before they reach a lane.
+	// wait in the throttle's queue, admitted through the barrier, before they reach a lane. With
+	// inline, the queues call SubmitIdle, which must then go through the throttle too.
 	throttle bool
 }
 
@@ -272,7 +273,10 @@ func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad 
 	if r.store.Syncs() == 0 {
 		t.Fatalf("%v: no sync reached the store", c)
 	}
-	if n := r.engine.Stats.Inline.Load(); c.inline && n == 0 {
+	if n := r.engine.Stats.Inline.Load(); c.inline && c.throttle && n > 0 {
+		// With limits, SubmitIdle goes through the throttle like Submit.
+		t.Fatalf("%v: %d requests ran inline past the limits", c, n)
+	} else if c.inline && !c.throttle && n == 0 {
 		t.Fatalf("%v: no request ran inline", c)
 	} else if c.inline {
 		t.Logf("%v: %d of %d reads and writes ran inline", c, n, r.engine.Stats.Reads.Load()+r.engine.Stats.Writes.Load())
