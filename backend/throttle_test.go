@@ -222,6 +222,9 @@ func TestThrottleQueues(t *testing.T) {
 	s := &seqStore{}
 	e := NewEngine(s, 1)
 	defer e.Close()
+	// The inline gate is open: without the throttle SubmitIdle would run these on the caller.
+	e.SetInlineLimit(time.Hour)
+	e.inline.avg.Store(0)
 	th := NewThrottle(Limits{IOPS: Rate{Avg: 50}})
 	e.SetThrottle(th)
 	var wg sync.WaitGroup
