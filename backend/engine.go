@@ -96,6 +96,9 @@ type Engine struct {
 	wg           sync.WaitGroup
 	closeOnce    sync.Once
 	Stats        Stats
+
+	throttle      atomic.Pointer[Throttle] // nil: no limits (throttle.go)
+	throttleStats ThrottleStats
 }
 
 // lane is one worker's queue, and whether the worker is executing a request
@@ -240,6 +243,15 @@ func (e *Engine) Submit(r *Request) {
 		r.start = monotime()
 	}
 	e.barrier.Enter()
+	if t := e.throttle.Load(); t != nil {
+		t.submit(e, r) // waits there, admitted, if over the limit
+		return
+	}
+	e.dispatch(r)
+}
+
+// dispatch hands an admitted request to the ring or a lane.
+func (e *Engine) dispatch(r *Request) {
 	// Write-through writes stay on the lanes, which make them durable.
 	if u := e.uring; u != nil && (r.Op == OpRead || r.Op == OpWrite && !e.writeThrough.Load()) && u.submit(r) {
 		return
@@ -318,6 +330,9 @@ func (e *Engine) syncStore() error {
 func (e *Engine) Close() error {
 	var err error
 	e.closeOnce.Do(func() {
+		if t := e.throttle.Load(); t != nil {
+			t.release(e) // the final drain does not wait for the limits
+		}
 		err = e.barrier.Flush() // not a guest flush: not counted
 		for i := range e.lanes {
 			close(e.lanes[i].ch)

@@ -58,7 +58,7 @@ func (e *Engine) SetInlineLimit(d time.Duration) { e.inline.limit.Store(int64(ma
 // that completes at once is completed by the caller too; with an AsyncIO
 // store (RBD), r is started there. It reports whether r ran inline.
 func (e *Engine) SubmitIdle(r *Request) (inline bool) {
-	if e.uring != nil || e.async != nil || (r.Op != OpRead && r.Op != OpWrite) || !e.inline.open() {
+	if e.uring != nil || e.async != nil || (r.Op != OpRead && r.Op != OpWrite) || !e.inline.open() || e.throttle.Load() != nil {
 		e.Submit(r)
 		return false
 	}

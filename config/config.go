@@ -63,6 +63,8 @@ type Config struct {
 	File    string // the name it was loaded from
 	Global  Global
 	Exports []Export
+	// IOGroups are the [[io_group]] tables: I/O limits shared by the exports that name them.
+	IOGroups []IOGroup
 }
 
 // Global holds the settings of the [global] table, which apply to the whole service.
@@ -122,6 +124,11 @@ type Export struct {
 	CephKeyring string        // ceph_keyring: absolute path of the keyring; "" is what ceph.conf says
 	RBDTimeout  time.Duration // rbd_timeout: a request the cluster has not answered by then fails; 0 waits
 	RBDCache    bool          // rbd_cache: librbd's cache as ceph.conf says; false (default) turns it off
+
+	// I/O limits (limits.go): the export's own, or those of its io_group (then Limits is
+	// zero). Diff treats a change of either as one to apply live.
+	Limits  Limits
+	IOGroup string // io_group: the name of an [[io_group]]; "" is none
 
 	Line int // the line of the [[export]] header, for messages at run time
 }

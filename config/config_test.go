@@ -232,6 +232,22 @@ func TestErrors(t *testing.T) {
 		{"unknown export key", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nsocket-path = \"$DIR/y.sock\" # <-\n", "export[0].socket-path", "unknown key (did you mean socket_path?)"},
 		{"unknown key in the second export", okExport + "\n[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nblocksize = 4096 # <-\n", "export[1].blocksize", "unknown key"},
 		{"unknown sub-table", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\n[export.limits] # <-\niops = 100\n", "export[0].limits", "unknown key"},
+		// Limits.
+		{"iops not an integer", okExport + "iops_total = \"100\" # <-\n", "export[0].iops_total", "must be an integer (I/Os per second), not a string"},
+		{"iops zero", okExport + "iops_read = 0 # <-\n", "export[0].iops_read", "must be between 1 and"},
+		{"bps bad size", okExport + "bps_total = \"10Q\" # <-\n", "export[0].bps_total", "invalid size"},
+		{"bps float", okExport + "bps_write = 1.5 # <-\n", "export[0].bps_write", "must be a byte count"},
+		{"burst without average", okExport + "iops_write_max = 100 # <-\n", "export[0].iops_write_max", "needs iops_write"},
+		{"burst below average", okExport + "bps_read = \"2M\"\nbps_read_max = \"1M\" # <-\n", "export[0].bps_read_max", "is below bps_read"},
+		{"burst length without burst", okExport + "iops_total = 10\niops_total_max_length = 5 # <-\n", "export[0].iops_total_max_length", "needs iops_total_max"},
+		{"burst length too long", okExport + "iops_total = 10\niops_total_max = 20\niops_total_max_length = 100000 # <-\n", "export[0].iops_total_max_length", "between 1 and 86400"},
+		{"iops size too small", okExport + "iops_size = 100 # <-\n", "export[0].iops_size", "less than a sector"},
+		{"limit misspelt", okExport + "iops-total = 10 # <-\n", "export[0].iops-total", "did you mean iops_total?"},
+		{"unknown io group", okExport + "io_group = \"t9\" # <-\n", "export[0].io_group", `no [[io_group]] is called "t9"`},
+		{"io group and own limits", "[[io_group]]\nname = \"t1\"\niops_total = 5\n" + okExport + "io_group = \"t1\" # <-\niops_read = 3\n", "export[0].io_group", "takes the group's limits"},
+		{"io group without name", "[[io_group]] # <-\niops_total = 5\n" + okExport, "io_group[0].name", "missing"},
+		{"io group duplicate", "[[io_group]]\nname = \"t1\"\n[[io_group]]\nname = \"t1\" # <-\n" + okExport, "io_group[1].name", `duplicate io_group name "t1" (also io_group[0], line 1)`},
+		{"io group unknown key", "[[io_group]]\nname = \"t1\"\niops = 5 # <-\n" + okExport, "io_group[0].iops", "unknown key"},
 		{"inline exports", "export = [ # <-\n  {name = \"x\", socket_path = \"$DIR/x.sock\", file = \"$DIR/a.img\", size = 1000},\n]\n", "export[0].size", "not a positive multiple"},
 	}
 	for _, tt := range tests {

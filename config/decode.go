@@ -185,6 +185,7 @@ func (p *parser) decode(raw map[string]any) *Config {
 		}
 	}
 
+	p.decodeIOGroups(root, cfg)
 	if v, ok := root.get("export"); ok {
 		tables, ok := tableArray(v)
 		if !ok {
@@ -436,6 +437,10 @@ func (p *parser) decodeExport(t *table, g *Global) Export {
 
 	if s, ok := t.filePath("write_log"); ok {
 		e.WriteLog = s
+	}
+	e.Limits = p.limits(t)
+	if s, ok := t.str("io_group"); ok {
+		e.IOGroup = s
 	}
 	t.unknown()
 	return e

@@ -1,5 +1,7 @@
 package config
 
+import "slices"
+
 // Changes is what a reload (SIGHUP) has to do to go from one configuration to the next. Exports
 // are matched by name; each list holds names, in the order of the file they come from.
 type Changes struct {
@@ -12,12 +14,17 @@ type Changes struct {
 	// io_engine...): restart them with the new settings. A change of Global.Lanes, Direct or
 	// IOEngine changes every export that uses it.
 	Changed []string
-	Global  bool // the [global] settings differ
+	// Limited exports differ only in their limits or io_group: apply them live, without a
+	// restart (the connection stays up).
+	Limited  []string
+	IOGroups bool // the [[io_group]] tables differ
+	Global   bool // the [global] settings differ
 }
 
 // Empty reports whether nothing changed.
 func (c Changes) Empty() bool {
-	return len(c.Added) == 0 && len(c.Removed) == 0 && len(c.Resized) == 0 && len(c.Changed) == 0 && !c.Global
+	return len(c.Added) == 0 && len(c.Removed) == 0 && len(c.Resized) == 0 && len(c.Changed) == 0 &&
+		len(c.Limited) == 0 && !c.IOGroups && !c.Global
 }
 
 // Diff compares two valid configurations. Moving an export within the file (its Line) is not a
@@ -25,6 +32,9 @@ func (c Changes) Empty() bool {
 func Diff(old, new *Config) Changes {
 	var c Changes
 	c.Global = old.Global != new.Global
+	c.IOGroups = !slices.EqualFunc(old.IOGroups, new.IOGroups, func(a, b IOGroup) bool {
+		return a.Name == b.Name && a.Limits == b.Limits
+	})
 	for _, n := range new.Exports {
 		o := old.Lookup(n.Name)
 		if o == nil {
@@ -36,11 +46,22 @@ func Diff(old, new *Config) Changes {
 		if a == b {
 			continue
 		}
+		limited := a.Limits != b.Limits || a.IOGroup != b.IOGroup
+		a.Limits, b.Limits = Limits{}, Limits{}
+		a.IOGroup, b.IOGroup = "", ""
+		if a == b {
+			c.Limited = append(c.Limited, n.Name)
+			continue
+		}
 		a.Size, b.Size = 0, 0
 		a.Resize, b.Resize = false, false
 		if a == b {
 			c.Resized = append(c.Resized, n.Name)
+			if limited {
+				c.Limited = append(c.Limited, n.Name)
+			}
 		} else {
+			// A restart starts the export with its new limits.
 			c.Changed = append(c.Changed, n.Name)
 		}
 	}

@@ -55,6 +55,11 @@ func TestDiff(t *testing.T) {
 			c.Global.IOEngine = IOEngineURing
 			c.Exports[2].IOEngine = IOEngineURing // a and b set io_engine themselves
 		}, Changes{Changed: []string{"c"}, Global: true}},
+		{"limits", func(c *Config) { c.Exports[1].Limits.IOPSTotal.Avg = 500 }, Changes{Limited: []string{"b"}}},
+		{"io group", func(c *Config) { c.Exports[2].IOGroup = "t1" }, Changes{Limited: []string{"c"}}},
+		{"limits and size", func(c *Config) { c.Exports[0].Size, c.Exports[0].Limits.BPSRead.Avg = 2<<30, 1<<20 }, Changes{Resized: []string{"a"}, Limited: []string{"a"}}},
+		{"limits and file", func(c *Config) { c.Exports[0].File, c.Exports[0].Limits.BPSRead.Avg = "/d/x.img", 1<<20 }, Changes{Changed: []string{"a"}}},
+		{"group limits", func(c *Config) { c.IOGroups = []IOGroup{{Name: "t1", Limits: Limits{IOPSSize: 4096}}} }, Changes{IOGroups: true}},
 		{"renamed", func(c *Config) { c.Exports[1].Name = "b2" }, Changes{Added: []string{"b2"}, Removed: []string{"b"}}},
 		{"everything", func(c *Config) {
 			c.Exports[0].Size = 3 << 30

@@ -27,6 +27,7 @@ func (p *parser) validate(cfg *Config) {
 		p.validateExport(fmt.Sprintf("export[%d]", i), &cfg.Exports[i])
 	}
 	p.crossCheck(cfg)
+	p.checkIOGroups(cfg)
 }
 
 func (p *parser) validateExport(key string, e *Export) {

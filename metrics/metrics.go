@@ -64,6 +64,7 @@ type Exporter struct {
 	duration             *prometheus.HistogramVec
 	flushWait, flushSync prometheus.Histogram
 	obs                  *observer
+	throttle             throttleDescs // throttle.go
 }
 
 // NewExporter returns the metrics of the export name served by eng and dev.
@@ -109,6 +110,7 @@ func NewExporter(name string, eng *backend.Engine, dev *virtio.BlkDevice) *Expor
 			ConstLabels: export, Buckets: durationBuckets,
 		}),
 	}
+	x.throttle = newThrottleDescs("", "the export", export)
 	x.lanes = make([]string, eng.Lanes())
 	for i := range x.lanes {
 		x.lanes[i] = strconv.Itoa(i)
@@ -150,6 +152,7 @@ func (x *Exporter) Describe(ch chan<- *prometheus.Desc) {
 	if x.dev != nil {
 		ch <- x.requestErrors
 	}
+	x.throttle.describe(ch, false)
 	x.duration.Describe(ch)
 	x.flushWait.Describe(ch)
 	x.flushSync.Describe(ch)
@@ -187,6 +190,7 @@ func (x *Exporter) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter(x.inline, s.Inline)
 	gauge(x.uringInflight, float64(x.eng.URingInflight()))
+	x.throttle.collect(ch, x.eng.ThrottleStats(), x.eng.Throttle(), false)
 	x.duration.Collect(ch)
 	x.flushWait.Collect(ch)
 	x.flushSync.Collect(ch)

@@ -47,6 +47,10 @@ type exportSpec struct {
 	socketMode           os.FileMode
 	// vduse names a VDUSE device to serve instead of a socket; vduseBus is its vdpa driver.
 	vduse, vduseBus string
+	// I/O limits: the export's own (a throttle of its own when any is set), or throttle, its
+	// io_group's, shared with the other exports of the group.
+	limits   backend.Limits
+	throttle *backend.Throttle
 }
 
 // export is one running disk: file store, engine with its lanes, virtio-blk device and
@@ -62,6 +66,8 @@ type export struct {
 	srv    *vhostuser.Server // or vd
 	vd     *vduse.Device
 	served chan error // Serve's result
+	// ownThrottle enforces the export's own limits (nil until it has any).
+	ownThrottle *backend.Throttle
 }
 
 // startExport opens the backing file, starts the lanes, listens on the socket and serves.
@@ -93,6 +99,7 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 		e.store.Close()
 		return nil, engineError{fmt.Errorf("export %s: %w", spec.name, err)}
 	}
+	e.setLimits(spec.limits, spec.throttle)
 	capacity := e.store.Size() / int64(spec.blockSize) * int64(spec.blockSize)
 	physBlock := 0
 	if e.file != nil {
@@ -168,7 +175,7 @@ func (e *export) startVDUSE(capacity int64) (*export, error) {
 	e.log.WithFields(logrus.Fields{
 		"vduse": spec.vduse, "vduse_bus": spec.vduseBus, "file": spec.file, "size": capacity, "read_only": spec.readOnly,
 		"lanes": spec.lanes, "num_queues": spec.numQueues, "write_cache": mode, "serial": spec.serial,
-		"direct": spec.direct, "io_engine": spec.ioEngine,
+		"direct": spec.direct, "io_engine": spec.ioEngine, "limited": e.engine.Throttle() != nil,
 	}).Info("export ready")
 	return e, nil
 }
@@ -305,4 +312,28 @@ func (e *export) resizeStore(size int64) error {
 		return e.image.Resize(size)
 	}
 	return e.file.Resize(size)
+}
+
+// setLimits applies I/O limits live: group's throttle when it is not nil, else the export's own
+// limits. The export's own throttle is made on first need and kept (with no limits it lets
+// everything through at once), so that requests waiting in it are never left behind.
+func (e *export) setLimits(own backend.Limits, group *backend.Throttle) {
+	e.spec.limits, e.spec.throttle = own, group
+	switch cur := e.engine.Throttle(); {
+	case group != nil:
+		e.engine.SetThrottle(group)
+	case cur != nil && cur != e.ownThrottle:
+		// Leaving a group: its own limits from now on (none: a throttle that passes all).
+		if e.ownThrottle == nil {
+			e.ownThrottle = backend.NewThrottle(own)
+		} else {
+			e.ownThrottle.SetLimits(own)
+		}
+		e.engine.SetThrottle(e.ownThrottle)
+	case cur != nil:
+		cur.SetLimits(own)
+	case !own.Unlimited():
+		e.ownThrottle = backend.NewThrottle(own)
+		e.engine.SetThrottle(e.ownThrottle)
+	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/sirupsen/logrus"
 
+	"github.com/vublk/vublk/backend"
 	"github.com/vublk/vublk/backend/rbd"
 	"github.com/vublk/vublk/config"
 	"github.com/vublk/vublk/virtio"
@@ -113,6 +114,7 @@ type serveOptions struct {
 	logFormat   string
 	printCaps   bool
 	cpuProfile  string
+	limits      limitFlags
 	vduse       string
 	vduseBus    string
 }
@@ -149,6 +151,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.vduse, "vduse", "", "serve the disk to this host's kernel as the VDUSE device NAME (a /dev/vdX through virtio_vdpa), instead of a vhost-user socket")
 	fs.StringVar(&o.vduseBus, "vduse-bus", config.VDUSEBusVirtio, "with --vduse: the vdpa driver, virtio (virtio_vdpa: a block device of this host) or vhost (vhost_vdpa: /dev/vhost-vdpa-N for QEMU)")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the server to this file until it exits (go tool pprof)")
+	o.limits.register(fs)
 	if code, ok := parseFlags(fs, args, stdout, stderr); !ok {
 		return code
 	}
@@ -233,6 +236,10 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	case len(o.serial) > virtio.BlkIDBytes:
 		return fail("--serial %q is longer than %d bytes", o.serial, virtio.BlkIDBytes)
 	}
+	limits, err := o.limits.limits()
+	if err != nil {
+		return fail("%v", err)
+	}
 	var size int64
 	if o.size != "" {
 		if size, err = config.ParseSize(o.size); err != nil {
@@ -270,7 +277,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 			o.serial = o.serial[:virtio.BlkIDBytes]
 		}
 	}
-	return runExport(o, size, log)
+	return runExport(o, size, limits, log)
 }
 
 // parseFlags parses args into fs. -h prints the options to stdout; a bad flag is one line on
@@ -312,7 +319,7 @@ func newLogger(level, format string, w io.Writer) (*logrus.Logger, error) {
 }
 
 // runExport serves one export from flags until SIGINT or SIGTERM.
-func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
+func runExport(o serveOptions, size int64, limits backend.Limits, logger *logrus.Logger) int {
 	// Take over SIGINT and SIGTERM before announcing readiness: from "export ready" on, a signal
 	// means drain, sync and exit 0.
 	sigs := make(chan os.Signal, 1)
@@ -325,6 +332,7 @@ func runExport(o serveOptions, size int64, logger *logrus.Logger) int {
 		writeLog: o.writeLog, socketUID: -1, socketGID: -1, vduse: o.vduse, vduseBus: o.vduseBus,
 		rbd: o.blkRBD, cephConf: o.cephConf, cephUser: o.cephUser, cephKeyring: o.cephKeyring, rbdTimeout: o.rbdTimeout,
 		rbdCache: o.rbdCache,
+		limits:   limits,
 	}, logger)
 	if err != nil {
 		logger.WithError(err).Error("cannot start the export")

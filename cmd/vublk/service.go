@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 
+	"github.com/vublk/vublk/backend"
 	"github.com/vublk/vublk/config"
 	"github.com/vublk/vublk/metrics"
 )
@@ -30,6 +31,10 @@ type service struct {
 	reg     *prometheus.Registry
 	metrics *metrics.Server
 	mx      map[string]*metrics.Exporter
+	// groups are the throttles of the [[io_group]] tables, shared by their exports; a group
+	// keeps its throttle (and the requests waiting in it) across reloads.
+	groups   map[string]*backend.Throttle
+	groupsMx map[string]*metrics.GroupExporter
 }
 
 // serveConfig is `vublk serve --config FILE`: start every export, then SIGHUP reloads the file
@@ -49,7 +54,8 @@ func serveConfig(path string, stderr io.Writer) int {
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
-	s := &service{path: path, log: log, cfg: cfg, exports: map[string]*export{}, mx: map[string]*metrics.Exporter{}}
+	s := &service{path: path, log: log, cfg: cfg, exports: map[string]*export{}, mx: map[string]*metrics.Exporter{},
+		groups: map[string]*backend.Throttle{}, groupsMx: map[string]*metrics.GroupExporter{}}
 	if addr := cfg.Global.MetricsAddress; addr != "" {
 		s.reg = metrics.NewRegistry()
 		if s.metrics, err = metrics.Serve(addr, s.reg); err != nil {
@@ -59,6 +65,7 @@ func serveConfig(path string, stderr io.Writer) int {
 		defer s.metrics.Close()
 		log.WithField("url", s.metrics.URL()).Info("serving metrics")
 	}
+	s.applyGroups(cfg)
 	for _, ec := range cfg.Exports {
 		if err := s.start(ec); err != nil {
 			log.WithError(err).Error("cannot start the export; stopping")
@@ -86,7 +93,9 @@ func serveConfig(path string, stderr io.Writer) int {
 
 // start starts one export and its metrics.
 func (s *service) start(ec config.Export) error {
-	e, err := startExport(specFromConfig(ec), s.log)
+	spec := specFromConfig(ec)
+	spec.throttle = s.groups[ec.IOGroup]
+	e, err := startExport(spec, s.log)
 	if err != nil {
 		return err
 	}
@@ -138,6 +147,7 @@ func specFromConfig(ec config.Export) exportSpec {
 		vduse: ec.VDUSE, vduseBus: ec.VDUSEBus,
 		rbd: ec.RBD, cephConf: ec.CephConf, cephUser: ec.CephUser, cephKeyring: ec.CephKeyring, rbdTimeout: ec.RBDTimeout,
 		rbdCache: ec.RBDCache,
+		limits:   backendLimits(ec.Limits),
 	}
 }
 
@@ -166,6 +176,14 @@ func (s *service) reload() {
 	ch := config.Diff(s.cfg, cfg)
 	if ch.Global && cfg.Global.MetricsAddress != s.cfg.Global.MetricsAddress {
 		s.log.Warn("metrics_address changed: it takes effect when vublk restarts")
+	}
+	s.applyGroups(cfg)
+	// Limits change live: the export goes on, with the connection and the requests in flight.
+	for _, name := range ch.Limited {
+		if e, nc := s.exports[name], cfg.Lookup(name); e != nil {
+			e.setLimits(backendLimits(nc.Limits), s.groups[nc.IOGroup])
+			e.log.WithFields(logrus.Fields{"io_group": nc.IOGroup, "limited": e.engine.Throttle() != nil}).Info("I/O limits changed")
+		}
 	}
 	// Stop first, so that a restarted or moved export frees its socket and file.
 	for _, name := range append(slices.Clone(ch.Removed), ch.Changed...) {
@@ -196,8 +214,9 @@ func (s *service) reload() {
 	}
 	s.cfg = cfg
 	s.log.WithFields(logrus.Fields{
-		"added": ch.Added, "removed": ch.Removed, "resized": ch.Resized, "restarted": ch.Changed,
-		"failed": failed, "exports": len(s.exports),
+		"added": ch.Added, "removed": ch.Removed, "resized": ch.Resized, "restarted": ch.Changed, "limits": ch.Limited,
+		"io_groups_changed": ch.IOGroups,
+		"failed":            failed, "exports": len(s.exports),
 	}).Info("configuration reloaded")
 }
 
@@ -223,4 +242,42 @@ func (s *service) stopAll() error {
 		all = append(all, err)
 	}
 	return errors.Join(all...)
+}
+
+// applyGroups makes the throttles of cfg's [[io_group]] tables: an existing group takes its new
+// limits live, a new one gets a throttle (and metrics), and a group no longer in the file is
+// forgotten (its exports have left it: they are restarted, or get their new limits, by the
+// caller).
+func (s *service) applyGroups(cfg *config.Config) {
+	keep := map[string]bool{}
+	for _, g := range cfg.IOGroups {
+		keep[g.Name] = true
+		l := backendLimits(g.Limits)
+		if t := s.groups[g.Name]; t != nil {
+			if t.Limits() != l {
+				t.SetLimits(l)
+				s.log.WithField("io_group", g.Name).Info("I/O group limits changed")
+			}
+			continue
+		}
+		t := backend.NewThrottle(l)
+		s.groups[g.Name] = t
+		if s.reg != nil {
+			x := metrics.NewGroupExporter(g.Name, t)
+			if err := s.reg.Register(x); err != nil {
+				s.log.WithError(err).WithField("io_group", g.Name).Warn("no metrics for this I/O group")
+			} else {
+				s.groupsMx[g.Name] = x
+			}
+		}
+	}
+	for name := range s.groups {
+		if !keep[name] {
+			delete(s.groups, name)
+			if x := s.groupsMx[name]; x != nil {
+				s.reg.Unregister(x)
+				delete(s.groupsMx, name)
+			}
+		}
+	}
 }

@@ -60,6 +60,10 @@ type rigConfig struct {
 	// inline: one request in flight per queue on a fast store, so that requests run on the
 	// queues' goroutines (SubmitIdle), not on lanes.
 	inline bool
+	// throttle: the export has I/O limits (a write IOPS limit with a burst), so that requests
+	// wait in the throttle's queue, admitted through the barrier, before they reach a lane. With
+	// inline, the queues call SubmitIdle, which must then go through the throttle too.
+	throttle bool
 }
 
 func (c rigConfig) String() string {
@@ -72,6 +76,9 @@ func (c rigConfig) String() string {
 	}
 	if c.inline {
 		s += "/inline-qd1"
+	}
+	if c.throttle {
+		s += "/limited"
 	}
 	return s
 }
@@ -90,6 +97,12 @@ func startRig(t *testing.T, c rigConfig) *rig {
 		engine.SetInlineLimit(time.Second)
 	}
 	engine.Barrier().SetUnsafeSyncBeforeDrain(c.broken)
+	if c.throttle {
+		engine.SetThrottle(backend.NewThrottle(backend.Limits{
+			IOPSWrite: backend.Rate{Avg: 3000, Max: 6000, MaxLength: time.Second},
+			BPS:       backend.Rate{Avg: 16 << 20},
+		}))
+	}
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{
@@ -260,7 +273,10 @@ func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad 
 	if r.store.Syncs() == 0 {
 		t.Fatalf("%v: no sync reached the store", c)
 	}
-	if n := r.engine.Stats.Inline.Load(); c.inline && n == 0 {
+	if n := r.engine.Stats.Inline.Load(); c.inline && c.throttle && n > 0 {
+		// With limits, SubmitIdle goes through the throttle like Submit.
+		t.Fatalf("%v: %d requests ran inline past the limits", c, n)
+	} else if c.inline && !c.throttle && n == 0 {
 		t.Fatalf("%v: no request ran inline", c)
 	} else if c.inline {
 		t.Logf("%v: %d of %d reads and writes ran inline", c, n, r.engine.Stats.Reads.Load()+r.engine.Stats.Writes.Load())
@@ -286,6 +302,7 @@ func TestCrashConsistency(t *testing.T) {
 		configs = append(configs, rigConfig{lanes: 2, queues: 2, writeThrough: wt}, rigConfig{lanes: 8, queues: 4, writeThrough: wt})
 	}
 	configs = append(configs, rigConfig{lanes: 2, queues: 4, inline: true}, rigConfig{lanes: 2, queues: 2, writeThrough: "config", inline: true})
+	configs = append(configs, rigConfig{lanes: 2, queues: 4, throttle: true}, rigConfig{lanes: 2, queues: 2, inline: true, throttle: true})
 	total, totalOps := 0, int64(0)
 	start := time.Now()
 	for i, c := range configs {
@@ -307,7 +324,7 @@ func TestCrashConsistency(t *testing.T) {
 // crash drops a write the flush should have covered, so the crash points follow completed flushes.
 func TestCrashCheckerCatchesSyncBeforeDrain(t *testing.T) {
 	const maxPoints = 600
-	for i, c := range []rigConfig{{lanes: 8, queues: 4, broken: true}, {lanes: 2, queues: 1, broken: true}} {
+	for i, c := range []rigConfig{{lanes: 8, queues: 4, broken: true}, {lanes: 2, queues: 1, broken: true}, {lanes: 2, queues: 4, broken: true, throttle: true}} {
 		t.Run(c.String(), func(t *testing.T) {
 			points, bad, examples, _ := crashRun(t, c, uint64(100+i), maxPoints, true)
 			if bad == 0 {

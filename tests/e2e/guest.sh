@@ -457,8 +457,109 @@ phase_interop() {
 	run interop_write sh -c "dd if=/dev/zero bs=1M count=4 2>/dev/null | tr '\\000' '\\245' | dd of=/dev/vda bs=1M seek=4 oflag=direct conv=fsync 2>/dev/null"
 }
 
+# disk_by_serial SERIAL: the vdX whose serial is SERIAL (the export's name).
+disk_by_serial() {
+	for s in /sys/block/vd*/serial; do
+		if [ "$(cat "$s")" = "$1" ]; then
+			d=${s%/serial}
+			echo "${d##*/}"
+			return
+		fi
+	done
+}
+
+# qos_rate NAME FIO_ARGS...: runs fio (JSON output) and prints
+#   E2E rate NAME IOPS BW_BYTES_PER_S
+# with read and write summed, for the host to compare with the limits.
+qos_rate() {
+	name=$1
+	shift
+	echo "E2E qos-start $name"
+	if ! $T/fio --name="$name" --clocksource=clock_gettime --thread --direct=1 --ioengine=libaio --time_based \
+		--group_reporting --output-format=json "$@" >/tmp/$name.json 2>/tmp/$name.err; then
+		tail -n 20 /tmp/$name.err
+		fail "qos_$name" "fio failed"
+		return
+	fi
+	echo "E2E qos-end $name"
+	awk -v name="$name" '
+		/^ *"(read|write|trim|sync)" : [{]/ { sec = $1; gsub(/"/, "", sec) }
+		/^ *"(iops|bw_bytes)" : / {
+			key = $1; gsub(/"/, "", key); v = $3; sub(/,$/, "", v)
+			if (!((sec "/" key) in val)) val[sec "/" key] = v
+		}
+		END {
+			printf "E2E rate %s %.1f %.0f\n", name, val["read/iops"] + val["write/iops"], val["read/bw_bytes"] + val["write/bw_bytes"]
+		}' /tmp/$name.json
+	ok "qos_$name"
+}
+
+# qos_series NAME SECONDS FIO_ARGS...: runs one fio job for SECONDS and prints its IOPS second by
+# second:  E2E series NAME IOPS_1 IOPS_2 ...
+qos_series() {
+	name=$1
+	secs=$2
+	shift 2
+	rm -f /tmp/$name*_iops.*.log
+	echo "E2E qos-start $name"
+	if ! $T/fio --name="$name" --clocksource=clock_gettime --thread --direct=1 --ioengine=libaio --time_based --runtime="$secs" \
+		--write_iops_log=/tmp/$name --log_avg_msec=1000 "$@" >/tmp/$name.out 2>&1; then
+		tail -n 20 /tmp/$name.out
+		fail "qos_$name" "fio failed"
+		return
+	fi
+	echo "E2E qos-end $name"
+	echo "E2E series $name $(cut -d, -f2 /tmp/${name}_iops.1.log | tr -d ' ' | tr '\n' ' ')"
+	ok "qos_$name"
+}
+
+phase_qos() {
+	# The host serves five exports (their serials are their names) with these limits:
+	#   lim: iops_total 150 (300 after the host's SIGHUP), bps_read 2M;  burst: iops_total 100,
+	#   max 400 for 3 s;  free: none;  g1, g2: the io_group "g", iops_total 120.
+	S=$(param seconds)
+	# Rates are measured on the guest's clock. Under TCG the TSC is calibrated against an emulated
+	# timer while the host is busy, and can run fast or slow by tens of percent; the HPET follows
+	# the host's clock. fio times with the TSC itself unless told to use clock_gettime.
+	cs=/sys/devices/system/clocksource/clocksource0
+	if grep -qw hpet $cs/available_clocksource; then
+		echo hpet > $cs/current_clocksource
+	fi
+	expect qos_clocksource "$(cat $cs/current_clocksource)" hpet
+	lim=$(disk_by_serial lim)
+	burst=$(disk_by_serial burst)
+	free=$(disk_by_serial free)
+	g1=$(disk_by_serial g1)
+	g2=$(disk_by_serial g2)
+	expect qos_disks "$(echo $lim $burst $free $g1 $g2 | wc -w)" 5
+	# Each job on a vCPU of its own: the free disk's fio, flat out, would starve the others.
+	W="--rw=randwrite --bs=4k --iodepth=16 --size=32M --cpus_allowed=0"
+	F="--rw=randwrite --bs=4k --iodepth=16 --size=32M --cpus_allowed=1"
+	qos_rate lim_iops --filename=/dev/$lim --runtime=$S $W
+	qos_rate lim_bps --filename=/dev/$lim --runtime=$S --rw=read --bs=64k --iodepth=8 --size=32M
+	qos_rate free_alone --filename=/dev/$free --runtime=$S $F
+	# The limited disk and the free one at once: the free one does not slow down to the limit.
+	qos_rate lim_busy --filename=/dev/$lim --runtime=$S $W | tee /tmp/lim_busy.line | grep qos- &
+	p=$!
+	qos_rate free_busy --filename=/dev/$free --runtime=$S $F
+	wait $p
+	grep -v qos- /tmp/lim_busy.line
+	# Two disks of one group: they share its 120 IOPS.
+	qos_rate g1 --filename=/dev/$g1 --runtime=$S $W | tee /tmp/g1.line | grep qos- &
+	p=$!
+	qos_rate g2 --filename=/dev/$g2 --runtime=$S $F
+	wait $p
+	grep -v qos- /tmp/g1.line
+	# A burst: 400 IOPS for 3 s, then 100.
+	qos_series burst 8 --filename=/dev/$burst $W --iodepth=32
+	# The host raises lim's limit to 300 IOPS with a SIGHUP once it has seen 3 s of this job's I/O.
+	echo "E2E qos-sighup"
+	qos_series sighup 9 --filename=/dev/$lim $W
+}
+
 case "$PHASE" in
 main) phase_main ;;
+qos) phase_qos ;;
 options) phase_options ;;
 interop) phase_interop ;;
 reconnect) phase_reconnect ;;
