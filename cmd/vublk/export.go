@@ -146,6 +146,7 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 	fields := logrus.Fields{
 		"socket": ln.Addr().String(), "size": capacity, "read_only": readOnly,
 		"lanes": spec.lanes, "num_queues": spec.numQueues, "write_cache": mode, "serial": spec.serial,
+		"limited": e.engine.Throttle() != nil,
 	}
 	if e.image != nil {
 		fields["rbd"], fields["librbd"], fields["rbd_cache"] = spec.rbd, rbd.LibraryVersion(), spec.rbdCache
