@@ -272,8 +272,8 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 		}
 		head := q.u16(inflightOffLastBatch)
 		for range batch {
-			if int(head) >= ringSize {
-				return 0, nil, false, fmt.Errorf("%w: inflight batch list reaches descriptor %d of %d", ErrRejected, head, ringSize)
+			if int(head) >= min(ringSize, queueSize) { // the region has queueSize descriptors
+				return 0, nil, false, fmt.Errorf("%w: inflight batch list reaches descriptor %d of %d", ErrRejected, head, min(ringSize, queueSize))
 			}
 			d := q.desc(head)
 			d[descOffInflight] = 0
