@@ -118,6 +118,12 @@ func (q *queue) run(vq *virtio.Queue, done chan struct{}) {
 		if q.stopped.Load() {
 			return
 		}
+		// A turn of ProcessQueue is bounded (a guest that keeps its ring
+		// full must not keep the stop path waiting): what it left is
+		// processed in the next turn, without waiting for a kick.
+		if !q.broken.Load() && vq.Pending() {
+			continue
+		}
 		if err := q.waitKick(); err != nil {
 			log.WithError(err).Error("kick eventfd failed")
 			return
