@@ -22,7 +22,12 @@ import (
 func TestFrontendRestarts(t *testing.T) { forEachQEMU(t, testFrontendRestarts) }
 
 func testFrontendRestarts(t *testing.T, q *qemuBinary) {
+	// 20 kills on the host's QEMU (the count issue 5 asked for), 10 on the others of the matrix:
+	// the same code path, and half the test time.
 	frontendKills := 20
+	if len(q.prefix) > 0 {
+		frontendKills = 10
+	}
 	if n, err := strconv.Atoi(os.Getenv("VUBLK_E2E_FRONTEND_KILLS")); err == nil && n > 0 {
 		frontendKills = n // for a quicker run by hand
 	}
