@@ -176,26 +176,7 @@ func buildInitramfs(out, moddir string) error {
 		return err
 	}
 	defer os.RemoveAll(tree)
-	busybox, err := exec.LookPath("busybox")
-	if err != nil {
-		return fmt.Errorf("busybox-static is not installed (make deps): %w", err)
-	}
-	if err := copyFile(busybox, filepath.Join(tree, "bin", "busybox"), 0o755); err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(tree, "init"), guestInit, 0o755); err != nil {
-		return err
-	}
-	for _, tool := range guestTools {
-		path, err := exec.LookPath(tool)
-		if err != nil {
-			return fmt.Errorf("%s is not installed (make deps): %w", tool, err)
-		}
-		if err := copyWithLibs(path, tree); err != nil {
-			return err
-		}
-	}
-	if err := copyFile("/etc/mke2fs.conf", filepath.Join(tree, "etc", "mke2fs.conf"), 0o644); err != nil {
+	if err := addGuestBase(tree, guestInit); err != nil {
 		return err
 	}
 	order, err := moduleOrder(moddir, guestModules)
@@ -213,6 +194,39 @@ func buildInitramfs(out, moddir string) error {
 	if err := os.WriteFile(filepath.Join(tree, "modules.order"), []byte(strings.Join(names, "\n")+"\n"), 0o644); err != nil {
 		return err
 	}
+	return writeCPIO(tree, out)
+}
+
+// addGuestBase puts what every guest's initramfs has into tree: busybox, init as /init, the
+// guest tools with their libraries, and mke2fs.conf.
+func addGuestBase(tree string, init []byte) error {
+	busybox, err := exec.LookPath("busybox")
+	if err != nil {
+		return fmt.Errorf("busybox-static is not installed (make deps): %w", err)
+	}
+	if err := copyFile(busybox, filepath.Join(tree, "bin", "busybox"), 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(tree, "init"), init, 0o755); err != nil {
+		return err
+	}
+	for _, tool := range guestTools {
+		path, err := exec.LookPath(tool)
+		if err != nil {
+			return fmt.Errorf("%s is not installed (make deps): %w", tool, err)
+		}
+		if err := copyWithLibs(path, tree); err != nil {
+			return err
+		}
+	}
+	if err := copyFile("/etc/mke2fs.conf", filepath.Join(tree, "etc", "mke2fs.conf"), 0o644); err != nil {
+		return err
+	}
+	return nil
+}
+
+// writeCPIO writes tree as an uncompressed newc cpio archive to out.
+func writeCPIO(tree, out string) error {
 	f, err := os.Create(out)
 	if err != nil {
 		return err

@@ -118,26 +118,7 @@ func buildVDUSEInitramfs(t *testing.T, out, moddir string) error {
 	if out, err := build.CombinedOutput(); err != nil {
 		return fmt.Errorf("building a static vublk: %v\n%s", err, out)
 	}
-	busybox, err := exec.LookPath("busybox")
-	if err != nil {
-		return fmt.Errorf("busybox-static is not installed (make deps): %w", err)
-	}
-	if err := copyFile(busybox, filepath.Join(tree, "bin", "busybox"), 0o755); err != nil {
-		return err
-	}
-	if err := os.WriteFile(filepath.Join(tree, "init"), vduseGuestInit, 0o755); err != nil {
-		return err
-	}
-	for _, tool := range guestTools {
-		path, err := exec.LookPath(tool)
-		if err != nil {
-			return fmt.Errorf("%s is not installed (make deps): %w", tool, err)
-		}
-		if err := copyWithLibs(path, tree); err != nil {
-			return err
-		}
-	}
-	if err := copyFile("/etc/mke2fs.conf", filepath.Join(tree, "etc", "mke2fs.conf"), 0o644); err != nil {
+	if err := addGuestBase(tree, vduseGuestInit); err != nil {
 		return err
 	}
 	if err := copyTrixieQemuIO(filepath.Join(tree, "trixie")); err != nil {
@@ -171,20 +152,7 @@ func buildVDUSEInitramfs(t *testing.T, out, moddir string) error {
 	if err := os.WriteFile(filepath.Join(tree, "modules.order"), []byte(strings.Join(names, "\n")+"\n"), 0o644); err != nil {
 		return err
 	}
-	f, err := os.Create(out)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	cpio := exec.Command("sh", "-c", "find . | LC_ALL=C sort | cpio --quiet -o -H newc")
-	cpio.Dir = tree
-	cpio.Stdout = f
-	var stderr strings.Builder
-	cpio.Stderr = &stderr
-	if err := cpio.Run(); err != nil {
-		return fmt.Errorf("cpio: %v: %s", err, stderr.String())
-	}
-	return f.Close()
+	return writeCPIO(tree, out)
 }
 
 // copyTrixieQemuIO copies qemu-io of the Debian 13 root (QEMU 10.0 with libblkio 1.5), its
