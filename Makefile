@@ -21,8 +21,22 @@ all: build
 # librbd-dev). TAGS= builds without it: RBD exports are then refused with one line saying so.
 TAGS ?= rbd
 
+# The Go runtime's sysmon thread sleeps deeply while every P is idle, and the first system or cgo
+# call after that wakes it, after which it polls every 20 us for a while: an event-driven server
+# (a kick, a completion, then idle again) pays a futex wake-up and two or three context switches
+# of sysmon per event. Measured on RBD exports (README, "RBD performance"): about a third of
+# vublk's own CPU per I/O. Any schedtrace period > 0 keeps sysmon out of that deep sleep (it then
+# backs off to one wake-up every 10 ms); the period is the largest one, 24.8 days, so that no
+# scheduler trace is printed (at most one SCHED line on stderr per 24.8 days; a fatal error also
+# prints the scheduler's state). GODEBUG in
+# the environment still overrides it (GODEBUG=schedtrace=0 restores Go's default), and
+# `make GODEBUG_DEFAULT=` builds without it. This is the variable //go:debug lines set; go.mod
+# has none, so nothing else is overridden.
+GODEBUG_DEFAULT ?= schedtrace=2147483647
+LDFLAGS := $(if $(GODEBUG_DEFAULT),-X=runtime.godebugDefault=$(GODEBUG_DEFAULT))
+
 build:
-	$(GO) build -tags "$(TAGS)" -o $(BIN) ./cmd/vublk
+	$(GO) build -tags "$(TAGS)" -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/vublk
 
 # Everything the tests need: Debian packages, the guest kernel, Go modules.
 deps:

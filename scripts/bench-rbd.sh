@@ -7,7 +7,9 @@
 # that one; make bench runs it inside `scripts/ceph-cluster.sh run`, a cluster of its own.
 #
 # Environment: ROUNDS (3), RUNTIME (5s per job), RAMP (1s), SIZE_MB (512: the image, written
-# once before the runs so that reads hit data), QUEUES (2), OUT (bin/bench-rbd-results.jsonl).
+# once before the runs so that reads hit data), QUEUES (2), OUT (bin/bench-rbd-results.jsonl),
+# CACHE (off: librbd's cache off in both servers, QSD's cache.direct=on and vublk's default; on:
+# on in both, QSD's cache.direct=off and vublk --rbd-cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +19,12 @@ RAMP=${RAMP:-1s}
 SIZE_MB=${SIZE_MB:-512}
 QUEUES=${QUEUES:-2}
 OUT=${OUT:-bin/bench-rbd-results.jsonl}
+CACHE=${CACHE:-off}
+case $CACHE in
+off) qsd_direct=on vublk_cache=() ;;
+on) qsd_direct=off vublk_cache=(--rbd-cache) ;;
+*) echo "bench-rbd: CACHE must be off or on, not $CACHE" >&2; exit 1 ;;
+esac
 VUBLK=bin/vublk
 QSD=$(command -v qemu-storage-daemon || true)
 : "${VUBLK_CEPH_CONF:?no cluster: eval \$(scripts/ceph-cluster.sh start) first, or run make bench}"
@@ -60,15 +68,15 @@ trap 'exit 130' INT TERM
 start_server() {
   case $1 in
   qsd)
-    # cache.direct=on turns librbd's cache off (rbd_cache=false), as vublk does by default.
+    # cache.direct=on makes QEMU's rbd driver set rbd_cache=false (vublk's default), off true.
     "$QSD" \
-      --blockdev "driver=rbd,node-name=r,pool=$VUBLK_CEPH_POOL,image=$name,conf=$VUBLK_CEPH_CONF,user=admin,cache.direct=on" \
+      --blockdev "driver=rbd,node-name=r,pool=$VUBLK_CEPH_POOL,image=$name,conf=$VUBLK_CEPH_CONF,user=admin,cache.direct=$qsd_direct" \
       --export "type=vhost-user-blk,id=e,node-name=r,addr.type=unix,addr.path=$sock,writable=on,num-queues=$QUEUES" \
       >"$dir/qsd.log" 2>&1 &
     ;;
   vublk)
     "$VUBLK" serve --socket-path "$sock" --blk-rbd "$image" --ceph-conf "$VUBLK_CEPH_CONF" \
-      --ceph-keyring "$VUBLK_CEPH_KEYRING" --num-queues "$QUEUES" --log-level warn >"$dir/vublk.log" 2>&1 &
+      --ceph-keyring "$VUBLK_CEPH_KEYRING" --num-queues "$QUEUES" "${vublk_cache[@]}" --log-level warn >"$dir/vublk.log" 2>&1 &
     ;;
   esac
   server_pid=$!
@@ -88,7 +96,7 @@ mkdir -p "$(dirname "$OUT")"
 : >"$OUT"
 
 echo "bench-rbd: $($QSD --version | head -n 1) vs vublk ($(git describe --always --dirty 2>/dev/null || echo unknown)), $(nproc) CPUs"
-echo "bench-rbd: ${SIZE_MB} MiB RBD image, one OSD, $QUEUES queues per server, ${#jobs[@]} jobs x $RUNTIME (+$RAMP warm-up), $ROUNDS rounds"
+echo "bench-rbd: ${SIZE_MB} MiB RBD image, one OSD, $QUEUES queues per server, librbd cache $CACHE, ${#jobs[@]} jobs x $RUNTIME (+$RAMP warm-up), $ROUNDS rounds"
 for round in $(seq "$ROUNDS"); do
   if [ $((round % 2)) -eq 1 ]; then order="qsd vublk"; else order="vublk qsd"; fi
   for server in $order; do
