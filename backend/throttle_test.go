@@ -385,9 +385,8 @@ func TestBarrierOrdersWritesAndSyncsThrottled(t *testing.T) {
 // fakeClock is a clock the test moves by hand.
 type fakeClock struct{ t atomic.Int64 }
 
-func (c *fakeClock) now() time.Duration      { return time.Duration(c.t.Load()) }
-func (c *fakeClock) set(d time.Duration)     { c.t.Store(int64(d)) }
-func (c *fakeClock) advance(d time.Duration) { c.t.Add(int64(d)) }
+func (c *fakeClock) now() time.Duration  { return time.Duration(c.t.Load()) }
+func (c *fakeClock) set(d time.Duration) { c.t.Store(int64(d)) }
 
 // TestThrottleLateDispatch: a dispatcher that wakes late on a busy host,
 // while requests wait, loses none of their credit: the rate over seconds is
