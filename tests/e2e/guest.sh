@@ -541,15 +541,16 @@ phase_qos() {
 	# The free disk alone: what this guest does with no limit, now.
 	qos_rate free_alone --filename=/dev/$free --runtime=3 $F
 	sleep 2
-	# At once: the limited disk and the free one (which does not slow down to the limit), the two
-	# disks of the group g sharing its 120 IOPS (their requests wait in one FIFO: 32 each, so that
-	# each disk's turn comes often; 4 s longer, as five fio starting at once in a starved guest
-	# start up to 4 s apart), and
-	# reads on the burst disk held to its bandwidth limit (32 of 64 KiB: 1 s of it).
+	# The limited disk and the free one at once: the free one does not slow down to the limit.
 	qos_together "lim_iops --filename=/dev/$lim --runtime=$S $L --cpus_allowed=0" \
-		"free_busy --filename=/dev/$free --runtime=$S $F" \
-		"g1 --filename=/dev/$g1 --runtime=$((S + 4)) $L --iodepth=32 --cpus_allowed=0" \
-		"g2 --filename=/dev/$g2 --runtime=$((S + 4)) $L --iodepth=32 --cpus_allowed=1" \
+		"free_busy --filename=/dev/$free --runtime=$S $F"
+	sleep 2
+	# The two disks of the group g sharing its 120 IOPS (their requests wait in one FIFO: 32 each,
+	# so that each disk's turn comes often; 2 s longer, as fio starting at once in a starved guest
+	# start up to seconds apart), and reads on the burst disk held to its bandwidth limit (32 of
+	# 64 KiB: 1 s of it).
+	qos_together "g1 --filename=/dev/$g1 --runtime=$((S + 2)) $L --iodepth=32 --cpus_allowed=0" \
+		"g2 --filename=/dev/$g2 --runtime=$((S + 2)) $L --iodepth=32 --cpus_allowed=1" \
 		"bps --filename=/dev/$burst --runtime=$S --rw=read --bs=64k --iodepth=32 --size=32M --cpus_allowed=0"
 	sleep 2
 	# A burst (400 IOPS for 2 s, then 100, for 8 s), and 3 s into it (a starting fio stalls this
