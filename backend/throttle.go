@@ -93,8 +93,10 @@ type bucket struct {
 	tokens   float64
 }
 
-func (b *bucket) refill(dt time.Duration) {
-	b.tokens = math.Min(b.capacity, b.tokens+b.rate*dt.Seconds())
+// refill adds dt's tokens, keeping at most capacity plus late's worth: see
+// limiter.catchUp.
+func (b *bucket) refill(dt, late time.Duration) {
+	b.tokens = math.Min(b.capacity+b.rate*late.Seconds(), b.tokens+b.rate*dt.Seconds())
 }
 
 // wait is how long until the bucket is not negative.
@@ -168,17 +170,28 @@ func (lim *limiter) cost(op Op, n int64) (ios, bytes float64) {
 }
 
 // refill brings every bucket up to now.
-func (lim *limiter) refill(now time.Duration) {
+func (lim *limiter) refill(now time.Duration) { lim.catchUp(now, 0) }
+
+// catchUp brings every bucket up to now for a dispatcher that woke late
+// (late past the deadline it was given) while requests waited. An on-time
+// dispatcher would have issued them as the tokens came: the tokens of that
+// time are theirs, and a bucket may hold them beyond its capacity until
+// the next refill, which caps it again. Without it, a timer that fires
+// later than a bucket's saved credit (100 ms, 50 ms at a burst's max; often
+// so on a busy host) throws tokens away and the rate falls short of the
+// limit while the guest had the requests queued.
+func (lim *limiter) catchUp(now, late time.Duration) {
 	dt := now - lim.last
 	if dt <= 0 {
 		return
 	}
+	late = min(max(late, 0), dt)
 	for i := range lim.avg {
 		if lim.avg[i].rate > 0 {
-			lim.avg[i].refill(dt)
+			lim.avg[i].refill(dt, late)
 		}
 		if lim.peak[i].rate > 0 {
-			lim.peak[i].refill(dt)
+			lim.peak[i].refill(dt, late)
 		}
 	}
 	lim.last = now
@@ -252,6 +265,8 @@ type Throttle struct {
 	timer   *time.Timer
 	armed   bool
 	pending int // len(queue) - head, readable with mu
+	// deadline is when the timer was armed to fire (on t.now's clock).
+	deadline time.Duration
 
 	Stats ThrottleStats
 }
@@ -329,7 +344,9 @@ func (t *Throttle) arm(d time.Duration) {
 		t.timer.Stop()
 	}
 	t.armed = true
-	t.timer.Reset(max(d, minWait))
+	d = max(d, minWait)
+	t.deadline = t.now() + d
+	t.timer.Reset(d)
 }
 
 // dispatch is the timer: it issues every waiting request the buckets now
@@ -339,6 +356,9 @@ func (t *Throttle) dispatch() {
 	t.armed = false
 	var batch []queued
 	now := t.now()
+	if t.pending > 0 {
+		t.lim.catchUp(now, now-t.deadline)
+	}
 	for t.pending > 0 {
 		q := t.queue[t.head]
 		if wait := t.lim.admit(q.r.Op, q.bytes, now); wait > 0 {

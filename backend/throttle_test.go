@@ -381,3 +381,75 @@ func TestBarrierOrdersWritesAndSyncsThrottled(t *testing.T) {
 		})
 	}
 }
+
+// fakeClock is a clock the test moves by hand.
+type fakeClock struct{ t atomic.Int64 }
+
+func (c *fakeClock) now() time.Duration  { return time.Duration(c.t.Load()) }
+func (c *fakeClock) set(d time.Duration) { c.t.Store(int64(d)) }
+
+// TestThrottleLateDispatch: a dispatcher that wakes late on a busy host,
+// while requests wait, loses none of their credit: the rate over seconds is
+// the limit whatever the lateness (up to what the queue holds), at the
+// average and during a burst. A client keeps 64 requests in flight, as a
+// guest's queue does; the throttle's clock is fake and the test wakes the
+// dispatcher, late by a fixed time, at every deadline the throttle sets.
+func TestThrottleLateDispatch(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		limits Limits
+		late   time.Duration
+		dur    time.Duration
+		want   float64 // requests completed in dur
+	}{
+		{"on time", Limits{IOPS: Rate{Avg: 400}}, 0, sec, 400 + 40},
+		{"late 30ms", Limits{IOPS: Rate{Avg: 400}}, 30 * time.Millisecond, 2 * sec, 400*2 + 40},
+		// Later than the 100 ms of credit a bucket may save.
+		{"late 140ms", Limits{IOPS: Rate{Avg: 400}}, 140 * time.Millisecond, 5 * sec, 400*5 + 40},
+		// Later than the 50 ms the burst's bucket at max may save.
+		{"burst late 60ms", Limits{IOPS: Rate{Avg: 100, Max: 400, MaxLength: 2 * sec}}, 60 * time.Millisecond, 1500 * time.Millisecond, 400 * 1.5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := &fakeClock{}
+			th := newThrottle(tc.limits, clk.now)
+			e := NewEngine(nullStore{}, 2)
+			defer e.Close()
+			e.SetThrottle(th)
+			const depth = 64
+			done := make(chanDone, depth)
+			for range depth {
+				e.Submit(&Request{Op: OpWrite, Bufs: [][]byte{{1}}, Done: done})
+			}
+			completed := 0
+			for {
+				// Every request not waiting in the throttle completes; the
+				// client sends each again at once.
+				deadline := time.Now().Add(5 * time.Second)
+				for len(done) < depth-th.Waiting() {
+					if time.Now().After(deadline) {
+						t.Fatalf("%d requests done, %d waiting, of %d", len(done), th.Waiting(), depth)
+					}
+					time.Sleep(100 * time.Microsecond)
+				}
+				if clk.now() >= tc.dur {
+					break
+				}
+				for n := len(done); n > 0; n-- {
+					completed++
+					e.Submit(<-done)
+				}
+				th.mu.Lock()
+				wake := th.deadline + tc.late
+				th.mu.Unlock()
+				if wake > tc.dur {
+					break
+				}
+				clk.set(wake)
+				th.dispatch()
+			}
+			if got := float64(completed); got < tc.want*0.97 || got > tc.want*1.03+1 {
+				t.Errorf("%d requests in %v with the dispatcher %v late, want %.0f", completed, tc.dur, tc.late, tc.want)
+			}
+		})
+	}
+}

@@ -152,7 +152,7 @@ func (x *Exporter) Describe(ch chan<- *prometheus.Desc) {
 	if x.dev != nil {
 		ch <- x.requestErrors
 	}
-	x.throttle.describe(ch, false)
+	x.throttle.describe(ch, true)
 	x.duration.Describe(ch)
 	x.flushWait.Describe(ch)
 	x.flushSync.Describe(ch)
@@ -190,7 +190,7 @@ func (x *Exporter) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter(x.inline, s.Inline)
 	gauge(x.uringInflight, float64(x.eng.URingInflight()))
-	x.throttle.collect(ch, x.eng.ThrottleStats(), x.eng.Throttle(), false)
+	x.throttle.collect(ch, x.eng.ThrottleStats(), x.eng.Throttle(), true)
 	x.duration.Collect(ch)
 	x.flushWait.Collect(ch)
 	x.flushSync.Collect(ch)

@@ -20,7 +20,8 @@ func newThrottleDescs(prefix, what string, labels prometheus.Labels) throttleDes
 		seconds:  desc("throttled_seconds_total", "Total time requests of "+what+" waited for its I/O limits."),
 		limit: desc("io_limit", "I/O limits in force for "+what+", by configuration key (iops_total, bps_read_max, "+
 			"iops_write_max_length in seconds, iops_size ...); only the limits that are set.", "limit"),
-		waiting: desc("throttle_waiting", "Requests of "+what+" waiting for its I/O limits now."),
+		// An export in a group waits in the group's queue: its gauge is the group's.
+		waiting: desc("throttle_waiting", "Requests waiting for the I/O limits of "+what+" now (for an export in an I/O group, the group's)."),
 	}
 }
 

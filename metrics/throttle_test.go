@@ -45,12 +45,15 @@ vublk_io_group_io_limit{io_group="tenant1",limit="bps_read"} 1.048576e+06
 vublk_io_group_io_limit{io_group="tenant1",limit="iops_total"} 100
 vublk_io_group_io_limit{io_group="tenant1",limit="iops_total_max"} 200
 vublk_io_group_io_limit{io_group="tenant1",limit="iops_total_max_length"} 2
-# HELP vublk_io_group_throttle_waiting Requests of the I/O group waiting for its I/O limits now.
+# HELP vublk_io_group_throttle_waiting Requests waiting for the I/O limits of the I/O group now (for an export in an I/O group, the group's).
 # TYPE vublk_io_group_throttle_waiting gauge
 vublk_io_group_throttle_waiting{io_group="tenant1"} 0
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "vublk_io_group_io_limit", "vublk_io_group_throttle_waiting"); err != nil {
 		t.Error(err)
+	}
+	if n := value(t, reg, "vublk_throttle_waiting"); n != 0 {
+		t.Errorf("vublk_throttle_waiting = %v with nothing waiting", n)
 	}
 	if secs := value(t, reg, "vublk_io_group_throttled_seconds_total"); secs <= 0 {
 		t.Errorf("vublk_io_group_throttled_seconds_total = %v", secs)

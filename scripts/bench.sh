@@ -9,7 +9,10 @@
 #
 # Environment: ROUNDS (3), RUNTIME (5s per job), RAMP (1s warm-up per job), SIZE_MB (1024),
 # QUEUES (2: both servers are started with this many queues), OUT (bin/bench-results.jsonl),
-# SERVERS ("qsd vublk"; add vublk-uring for vublk with --io-engine uring).
+# SERVERS ("qsd vublk"; add vublk-uring for vublk with --io-engine uring, vublk-limited for vublk
+# with I/O limits far above what it can do, so that every request goes through the throttle and
+# none waits: the cost of the limits themselves; vublk-ref for the vublk binary VUBLK_REF, e.g. one
+# built from an older commit), BASE (qsd: the server the others are compared with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +23,7 @@ SIZE_MB=${SIZE_MB:-1024}
 QUEUES=${QUEUES:-2}
 OUT=${OUT:-bin/bench-results.jsonl}
 SERVERS=${SERVERS:-qsd vublk}
+BASE=${BASE:-qsd}
 VUBLK=bin/vublk
 QSD=$(command -v qemu-storage-daemon || true)
 
@@ -78,8 +82,16 @@ start_server() {
     "$VUBLK" serve --socket-path "$sock" --blk-file "$img" --num-queues "$QUEUES" --log-level warn \
       --io-engine uring >"$dir/vublk-uring.log" 2>&1 &
     ;;
+  vublk-limited)
+    "$VUBLK" serve --socket-path "$sock" --blk-file "$img" --num-queues "$QUEUES" --log-level warn \
+      --iops-total 100000000 --bps-total 1000G >"$dir/vublk-limited.log" 2>&1 &
+    ;;
+  vublk-ref)
+    "${VUBLK_REF:?vublk-ref needs VUBLK_REF, a vublk binary}" serve --socket-path "$sock" --blk-file "$img" \
+      --num-queues "$QUEUES" --log-level warn >"$dir/vublk-ref.log" 2>&1 &
+    ;;
   *)
-    echo "bench: unknown server $1 (SERVERS: qsd, vublk, vublk-uring)" >&2
+    echo "bench: unknown server $1 (SERVERS: qsd, vublk, vublk-uring, vublk-limited, vublk-ref)" >&2
     exit 2
     ;;
   esac
@@ -120,6 +132,6 @@ for round in $(seq "$ROUNDS"); do
 done
 
 echo
-"$VUBLK" bench summary --base qsd "$OUT"
+"$VUBLK" bench summary --base "$BASE" "$OUT"
 echo
 echo "bench: every run is in $OUT"

@@ -470,18 +470,16 @@ disk_by_serial() {
 
 # qos_rate NAME FIO_ARGS...: runs fio (JSON output) and prints
 #   E2E rate NAME IOPS BW_BYTES_PER_S
-# with read and write summed, for the host to compare with the limits.
+# with read and write summed, as the guest measured them (the host checks its own figures).
 qos_rate() {
 	name=$1
 	shift
-	echo "E2E qos-start $name"
 	if ! $T/fio --name="$name" --clocksource=clock_gettime --thread --direct=1 --ioengine=libaio --time_based \
 		--group_reporting --output-format=json "$@" >/tmp/$name.json 2>/tmp/$name.err; then
 		tail -n 20 /tmp/$name.err
 		fail "qos_$name" "fio failed"
 		return
 	fi
-	echo "E2E qos-end $name"
 	awk -v name="$name" '
 		/^ *"(read|write|trim|sync)" : [{]/ { sec = $1; gsub(/"/, "", sec) }
 		/^ *"(iops|bw_bytes)" : / {
@@ -494,33 +492,34 @@ qos_rate() {
 	ok "qos_$name"
 }
 
-# qos_series NAME SECONDS FIO_ARGS...: runs one fio job for SECONDS and prints its IOPS second by
-# second:  E2E series NAME IOPS_1 IOPS_2 ...
-qos_series() {
-	name=$1
-	secs=$2
-	shift 2
-	rm -f /tmp/$name*_iops.*.log
-	echo "E2E qos-start $name"
-	if ! $T/fio --name="$name" --clocksource=clock_gettime --thread --direct=1 --ioengine=libaio --time_based --runtime="$secs" \
-		--write_iops_log=/tmp/$name --log_avg_msec=1000 "$@" >/tmp/$name.out 2>&1; then
-		tail -n 20 /tmp/$name.out
-		fail "qos_$name" "fio failed"
-		return
-	fi
-	echo "E2E qos-end $name"
-	echo "E2E series $name $(cut -d, -f2 /tmp/${name}_iops.1.log | tr -d ' ' | tr '\n' ' ')"
-	ok "qos_$name"
+# qos_together JOB... : runs the jobs (each "NAME FIO_ARGS...", one word list) at once and prints
+# their results when all are done. A job "sleep N" waits N seconds before it starts the next ones.
+qos_together() {
+	pids=
+	for job in "$@"; do
+		case $job in
+		sleep*) $job; continue ;;
+		esac
+		# shellcheck disable=SC2086
+		qos_rate $job >/tmp/${job%% *}.line 2>&1 &
+		pids="$pids $!"
+	done
+	wait $pids
+	for job in "$@"; do
+		case $job in
+		sleep*) ;;
+		*) cat /tmp/${job%% *}.line ;;
+		esac
+	done
 }
 
 phase_qos() {
 	# The host serves five exports (their serials are their names) with these limits:
-	#   lim: iops_total 150 (300 after the host's SIGHUP), bps_read 2M;  burst: iops_total 100,
-	#   max 400 for 3 s;  free: none;  g1, g2: the io_group "g", iops_total 120.
+	#   lim: iops_total 150 (300 after the host's SIGHUP);  burst: iops_total 100, max 400 for 2 s,
+	#   bps_read 2M;  free: none;  g1, g2: the io_group "g", iops_total 120.
+	# The host tells the jobs apart by the idle gaps between them on each disk (the pauses below),
+	# and measures every rate on its own clock from vublk's metrics.
 	S=$(param seconds)
-	# Rates are measured on the guest's clock. Under TCG the TSC is calibrated against an emulated
-	# timer while the host is busy, and can run fast or slow by tens of percent; the HPET follows
-	# the host's clock. fio times with the TSC itself unless told to use clock_gettime.
 	cs=/sys/devices/system/clocksource/clocksource0
 	if grep -qw hpet $cs/available_clocksource; then
 		echo hpet > $cs/current_clocksource
@@ -532,29 +531,33 @@ phase_qos() {
 	g1=$(disk_by_serial g1)
 	g2=$(disk_by_serial g2)
 	expect qos_disks "$(echo $lim $burst $free $g1 $g2 | wc -w)" 5
-	# Each job on a vCPU of its own: the free disk's fio, flat out, would starve the others.
-	W="--rw=randwrite --bs=4k --iodepth=16 --size=32M --cpus_allowed=0"
+	# A limited job keeps 128 requests queued (the ring's size), so that the limit, not the emulated
+	# guest's pauses on a busy host, sets its rate: while the guest stops for a while, vublk goes on
+	# with the requests that wait for the limit (at 300 IOPS, 0.4 s of them) instead of idling. The
+	# free disk's fio runs flat out on a vCPU of its own, so that it cannot starve the limited jobs of
+	# CPU.
+	L="--rw=randwrite --bs=4k --iodepth=128 --size=32M"
 	F="--rw=randwrite --bs=4k --iodepth=16 --size=32M --cpus_allowed=1"
-	qos_rate lim_iops --filename=/dev/$lim --runtime=$S $W
-	qos_rate lim_bps --filename=/dev/$lim --runtime=$S --rw=read --bs=64k --iodepth=8 --size=32M
-	qos_rate free_alone --filename=/dev/$free --runtime=$S $F
+	# The free disk alone: what this guest does with no limit, now.
+	qos_rate free_alone --filename=/dev/$free --runtime=3 $F
+	sleep 2
 	# The limited disk and the free one at once: the free one does not slow down to the limit.
-	qos_rate lim_busy --filename=/dev/$lim --runtime=$S $W | tee /tmp/lim_busy.line | grep qos- &
-	p=$!
-	qos_rate free_busy --filename=/dev/$free --runtime=$S $F
-	wait $p
-	grep -v qos- /tmp/lim_busy.line
-	# Two disks of one group: they share its 120 IOPS.
-	qos_rate g1 --filename=/dev/$g1 --runtime=$S $W | tee /tmp/g1.line | grep qos- &
-	p=$!
-	qos_rate g2 --filename=/dev/$g2 --runtime=$S $F
-	wait $p
-	grep -v qos- /tmp/g1.line
-	# A burst: 400 IOPS for 3 s, then 100.
-	qos_series burst 8 --filename=/dev/$burst $W --iodepth=32
-	# The host raises lim's limit to 300 IOPS with a SIGHUP once it has seen 3 s of this job's I/O.
-	echo "E2E qos-sighup"
-	qos_series sighup 9 --filename=/dev/$lim $W
+	qos_together "lim_iops --filename=/dev/$lim --runtime=$S $L --cpus_allowed=0" \
+		"free_busy --filename=/dev/$free --runtime=$S $F"
+	sleep 2
+	# The two disks of the group g sharing its 120 IOPS (their requests wait in one FIFO: 32 each,
+	# so that each disk's turn comes often; 2 s longer, as fio starting at once in a starved guest
+	# start up to seconds apart), and reads on the burst disk held to its bandwidth limit (32 of
+	# 64 KiB: 1 s of it).
+	qos_together "g1 --filename=/dev/$g1 --runtime=$((S + 2)) $L --iodepth=32 --cpus_allowed=0" \
+		"g2 --filename=/dev/$g2 --runtime=$((S + 2)) $L --iodepth=32 --cpus_allowed=1" \
+		"bps --filename=/dev/$burst --runtime=$S --rw=read --bs=64k --iodepth=32 --size=32M --cpus_allowed=0"
+	sleep 2
+	# A burst (400 IOPS for 2 s, then 100, for 8 s), and 3 s into it (a starting fio stalls this
+	# guest for a while: not in the burst) the limit the host raises to 300 IOPS with a SIGHUP once
+	# it has seen 3 s of this job's I/O on lim.
+	qos_together "burst --filename=/dev/$burst --runtime=8 $L --cpus_allowed=0" "sleep 3" \
+		"sighup --filename=/dev/$lim --runtime=7 $L --cpus_allowed=1"
 }
 
 case "$PHASE" in
