@@ -2,12 +2,7 @@
 
 package virtio
 
-import (
-	"fmt"
-	"os"
-	"sync"
-	"time"
-)
+import "os"
 
 // skipDataLog, only in a binary built with -tags vublk_testhooks and VUBLK_TESTHOOK_NO_DATA_LOG=1
 // in its environment, leaves read data and GET_ID data out of the dirty log (the status byte and
@@ -23,17 +18,6 @@ func TestHooks() []string {
 	return nil
 }
 
-var trace struct {
-	sync.Mutex
-	f *os.File
-}
-
-func init() {
-	if p := os.Getenv("VUBLK_TESTHOOK_TRACE"); p != "" {
-		trace.f, _ = os.Create(p)
-	}
-}
-
 // noteSkipped counts, in l.Skipped, the pages of r's device-writable buffers that skipDataLog
 // left out of l.
 func (q *Queue) noteSkipped(l *DirtyLog, r *blkReq) {
@@ -41,11 +25,6 @@ func (q *Queue) noteSkipped(l *DirtyLog, r *blkReq) {
 		if gpa, ok := q.Mem.gpaOf(b); ok && len(b) > 0 {
 			first, last := gpa/LogPageSize, (gpa+uint64(len(b))-1)/LogPageSize
 			l.skipped.Add(last - first + 1)
-			if trace.f != nil {
-				trace.Lock()
-				fmt.Fprintf(trace.f, "%d %x %x\n", time.Now().UnixMicro(), first, last)
-				trace.Unlock()
-			}
 		}
 	}
 }
