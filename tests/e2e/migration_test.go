@@ -58,7 +58,7 @@ const (
 //   - the same guest migrates migQSDRounds times between two qemu-storage-daemons, and the test
 //     logs downtime and total time (query-migrate) of both side by side.
 //
-// About 8 minutes per QEMU on a loaded 2-core machine (14 migrations of 20 to 70 s each).
+// About 10 minutes on QEMU 10.0 on a loaded 2-core machine (14 migrations of 20 to 60 s each).
 func TestMigration(t *testing.T) {
 	rounds := migGoodRounds
 	if s := os.Getenv("MIG_ROUNDS"); s != "" {
