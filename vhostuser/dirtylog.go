@@ -124,6 +124,9 @@ func (c *conn) updateLogging() {
 		if n := old.Dropped(); n > 0 {
 			c.log.WithField("pages", n).Warn("the front-end's dirty log did not cover every page vublk wrote; those pages were not logged")
 		}
+		if n := old.Skipped(); n > 0 {
+			c.log.WithField("pages", n).Warn("test hook: pages of read data left out of the dirty log")
+		}
 		old.Close()
 	}
 	if nl != nil {

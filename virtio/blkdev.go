@@ -503,6 +503,8 @@ func (q *Queue) logCompletion(l *DirtyLog, r *blkReq) {
 		for _, b := range r.blk.In {
 			q.Mem.markDirty(l, b)
 		}
+	} else {
+		q.noteSkipped(l, r)
 	}
 	q.Mem.markDirty(l, r.blk.Status)
 }

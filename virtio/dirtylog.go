@@ -24,6 +24,9 @@ type DirtyLog struct {
 	// dropped counts pages that lie beyond the bitmap: a front-end whose log does not cover
 	// every guest address it gave us.
 	dropped atomic.Uint64
+	// skipped counts the pages of read data a test hook left out of the log (testhook_on.go);
+	// always 0 in a normal build.
+	skipped atomic.Uint64
 }
 
 // NewDirtyLog returns a log over bitmap (the mapped log region).
@@ -71,6 +74,10 @@ func (l *DirtyLog) Mark(gpa, n uint64) {
 
 // Dropped is how many page marks fell beyond the bitmap.
 func (l *DirtyLog) Dropped() uint64 { return l.dropped.Load() }
+
+// Skipped is how many pages of read data the test hook VUBLK_TESTHOOK_NO_DATA_LOG left out of
+// the log; always 0 in a normal build.
+func (l *DirtyLog) Skipped() uint64 { return l.skipped.Load() }
 
 // Close waits for the marks in progress; later marks do nothing. It returns the bitmap, which
 // nothing in this package touches any more.

@@ -315,6 +315,9 @@ func newLogger(level, format string, w io.Writer) (*logrus.Logger, error) {
 	default:
 		return nil, fmt.Errorf("--log-format must be text or json, not %q", format)
 	}
+	for _, h := range virtio.TestHooks() {
+		log.Warn("test hook on: " + h)
+	}
 	return log, nil
 }
 

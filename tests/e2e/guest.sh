@@ -349,26 +349,34 @@ phase_reboot() {
 
 # Live migration: the host migrates this VM between QEMU processes (each with its own back-end on
 # the same image) while fio randwrite verifies one region and the guest reads another, of
-# vublk.mibs MiB at vublk.mig_off MiB, through the page cache, over and over. Each round:
-#   "E2E mig-read R": the host starts migrating now; the guest drops the page cache and reads the
-#     region into it, pass after pass, until the host writes a command line on the console:
-#     "go", "fio" or "end", once the migration completed;
-#   then, without dropping caches, the region's checksum from the page cache, against vublk.md5:
-#     a back-end that wrote a guest page after it was sent and did not log it leaves it stale on
-#     the destination.
-#   "E2E ok|FAIL mig_R passes=N warm=SUM".
+# vublk.mibs MiB at vublk.mig_off MiB, through the page cache. Each round:
+#   the guest drops the page cache (init_on_free=1: the freed pages hold zeros), starts a dirtier:
+#     "E2E mig-ready R";
+#   the host starts the migration (slowed down) and writes "read" on the console; the guest reads
+#     the region into the page cache: "E2E mig-read-done R"; the host lets the migration finish
+#     and writes "go" or "fio";
+#   then, without dropping caches, the region's checksum from the page cache, against vublk.sum:
+#     a back-end that wrote a guest page after QEMU sent it and did not log it leaves the page
+#     stale on the destination.
+#   "E2E ok|FAIL mig_R warm=SUM".
 # "fio" also stops the fio loop and reports it (mig_fio) and the kernel's I/O errors (mig_dmesg);
-# "end" finishes the phase.
+# "end" (instead of "read") finishes the phase.
 phase_migrate() {
 	off=$(param mig_off)
 	mibs=$(param mibs)
-	want=$(param md5)
+	want=$(param sum)
+	# Hold /dev/vda open for the whole phase: when its last opener closes it, Linux drops the
+	# block device's page cache (blkdev_put -> kill_bdev), and the checksum below would read the
+	# region from the destination's back-end instead of from the page cache the migration
+	# brought over. For the same reason fio runs with --invalidate=0: by default each fio run
+	# starts with BLKFLSBUF, which drops the whole device's page cache.
+	exec 3</dev/vda
 	(
 		n=0
 		while [ ! -f /tmp/stopfio ]; do
 			if ! $T/fio --name=mig --filename=/dev/vda --thread --direct=1 --ioengine=libaio \
 				--iodepth=8 --rw=randwrite --bs=4k --size=8M --verify=crc32c --verify_fatal=1 \
-				--do_verify=1 >/tmp/fio.out 2>&1; then
+				--do_verify=1 --invalidate=0 >/tmp/fio.out 2>&1; then
 				tail -n 20 /tmp/fio.out
 				echo "fio run $n failed"
 				exit 1
@@ -378,35 +386,55 @@ phase_migrate() {
 		echo "$n fio runs"
 	) >/tmp/fio.log 2>&1 &
 	fiopid=$!
+	# The dirtier's data: random, so that QEMU must send each page it dirties in full.
+	dd if=/dev/urandom of=/tmp/dirt-src bs=1M count=16 2>/dev/null
+	cp /tmp/dirt-src /tmp/dirt
 	r=1
 	while true; do
-		rm -f /tmp/go
-		# A background job's stdin is /dev/null: read the console itself.
-		(read -r line </dev/ttyS0; echo "$line" >/tmp/go.tmp; mv /tmp/go.tmp /tmp/go) &
-		echo "E2E mig-read $r"
-		passes=0
+		# Before the migration, the page cache goes: the kernel runs with init_on_free=1, so the
+		# pages the region lands in next hold zeros when QEMU sends them (a re-read of the same
+		# data into the same page would hide a page the back-end does not log).
+		echo 1 >/proc/sys/vm/drop_caches
+		# While QEMU sends memory and the guest reads its region, the dirtier rewrites 16 MiB
+		# with the CPU faster than the host lets the migration send it, so that QEMU never finds
+		# so little left to send that it switches over (see migrate in migration_test.go).
+		rm -f /tmp/stopdirt
+		(
+			while [ ! -f /tmp/stopdirt ]; do
+				dd if=/tmp/dirt-src of=/tmp/dirt bs=1M conv=notrunc 2>/dev/null
+			done
+		) &
+		dirtpid=$!
+		echo "E2E mig-ready $r"
+		# The host starts the migration and says "read" ("end" ends the phase). A background
+		# job's stdin is /dev/null: read the console.
+		read -r cmd </dev/ttyS0
+		if [ "$cmd" = end ]; then
+			touch /tmp/stopdirt
+			wait $dirtpid
+			break
+		fi
+		# The region, into the page cache, while QEMU sends memory: a page it had sent before the
+		# back-end filled it goes again only if the back-end logged it. Nothing drops the cache
+		# from here to the checksum.
 		bad=0
-		while [ ! -f /tmp/go ]; do
-			# First zeros from the region below, so that the pages the region then lands in
-			# held other data: a page the back-end fills and does not log then arrives stale
-			# (a re-read of the same data into the same page would hide it).
-			echo 1 >/proc/sys/vm/drop_caches
-			dd if=/dev/vda of=/dev/null bs=1M skip=$((off - mibs)) count="$mibs" 2>/dev/null
-			echo 1 >/proc/sys/vm/drop_caches
-			# Only into the page cache: checksumming every pass would make it slower (TCG) and
-			# leave fewer passes, and so fewer writes of the back-end, in each migration.
-			dd if=/dev/vda of=/dev/null bs=1M skip="$off" count="$mibs" 2>/tmp/dd.err || bad=$((bad + 1))
-			passes=$((passes + 1))
-		done
-		warm=$(dd if=/dev/vda bs=1M skip="$off" count="$mibs" 2>/dev/null | md5sum | cut -d' ' -f1)
+		dd if=/dev/vda of=/dev/null bs=1M skip="$off" count="$mibs" 2>/tmp/dd.err || bad=1
+		touch /tmp/stopdirt
+		wait $dirtpid
+		echo "E2E mig-read-done $r"
+		# After the switch-over the host says "go" (or "fio": then stop fio and check it).
+		read -r cmd </dev/ttyS0
+		# Buffers: the block device's page cache, which must still hold the region.
+		buffers=$(sed -n 's/^Buffers: *\([0-9]*\) kB/\1/p' /proc/meminfo)
+		# coreutils' cksum: busybox's md5sum takes half a minute for the region under TCG.
+		warm=$(dd if=/dev/vda bs=1M skip="$off" count="$mibs" 2>/dev/null | $T/cksum | cut -d' ' -f1)
 		if [ "$bad" = 0 ] && [ "$warm" = "$want" ]; then
-			ok "mig_$r" "passes=$passes warm=$warm"
+			ok "mig_$r" "buffers_kb=$buffers warm=$warm"
 		else
 			tail -n 2 /tmp/dd.err
 			dmesg | tail -n 3
-			fail "mig_$r" "passes=$passes failed_passes=$bad warm=$warm want=$want"
+			fail "mig_$r" "buffers_kb=$buffers failed_read=$bad warm=$warm want=$want"
 		fi
-		cmd=$(cat /tmp/go)
 		case "$cmd" in
 		fio)
 			touch /tmp/stopfio
@@ -418,7 +446,6 @@ phase_migrate() {
 			fi
 			expect mig_dmesg "$(dmesg | grep -ci -e 'i/o error' -e 'virtio_blk.*err')" 0
 			;;
-		end) break ;;
 		esac
 		r=$((r + 1))
 	done

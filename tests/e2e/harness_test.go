@@ -32,7 +32,7 @@ var guestInit []byte
 var guestModules = []string{"virtio_pci", "virtio_blk", "crc32c_generic", "ext4"}
 
 // guestTools are host binaries copied into the initramfs with the shared libraries they need.
-var guestTools = []string{"fio", "mke2fs", "e2fsck", "blkdiscard"}
+var guestTools = []string{"fio", "mke2fs", "e2fsck", "blkdiscard", "cksum"}
 
 // env is what every test in the package shares: built once in TestMain.
 var env struct {
