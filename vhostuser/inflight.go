@@ -461,10 +461,21 @@ func (c *conn) resumeInflight(v *vring, ring *virtio.SplitQueue) (bool, error) {
 	}
 	ring.Resume(lastAvail, resubmit)
 	log := c.log.WithFields(logrus.Fields{"queue": v.index, "base": v.base, "last_avail": lastAvail, "resubmit": len(resubmit)})
-	if len(resubmit) > 0 || lastAvail != v.base {
+	if len(resubmit) > 0 || uint32(lastAvail) != v.base {
 		log.Info("resuming the queue from the inflight buffer")
 	} else {
 		log.Debug("inflight buffer: nothing to resubmit")
 	}
 	return true, nil
+}
+
+// resumePackedInflight is resumeInflight for a packed ring. The packed layout of the inflight
+// region is not implemented yet: packed rings run untracked (a back-end killed meanwhile loses
+// what was in flight, as without inflight tracking).
+func (c *conn) resumePackedInflight(v *vring, ring *virtio.PackedQueue) (bool, error) {
+	if c.inflight != nil && !c.untrackedLogged {
+		c.untrackedLogged = true
+		c.log.WithField("queue", v.index).Info("packed ring: serving it without inflight tracking")
+	}
+	return false, nil
 }
