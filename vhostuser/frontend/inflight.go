@@ -264,7 +264,10 @@ func (d *Device) Reconnect(path string) error {
 		return err
 	}
 	for _, q := range d.queues {
-		q.base = q.lastUsed
+		q.base = uint32(q.lastUsed)
+		if q.pk != nil {
+			q.base = q.packedBase()
+		}
 		if err := d.startQueue(q); err != nil {
 			return err
 		}
@@ -278,8 +281,8 @@ func (d *Device) Reconnect(path string) error {
 // index is the last one seen.
 func (q *Queue) Indices() (avail, used uint16) {
 	q.mu.Lock()
-	defer q.mu.Unlock() // Close unmaps the rings only after marking the queue closed under it
-	if q.closed {
+	defer q.mu.Unlock()          // Close unmaps the rings only after marking the queue closed under it
+	if q.closed || q.pk != nil { // a packed ring's counts are the queue's own
 		return q.availIdx, q.lastUsed
 	}
 	return q.availIdx, load16(q.used, 2)
