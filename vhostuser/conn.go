@@ -240,6 +240,7 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 			return nil, true, err
 		}
 		c.stopRing(v)
+		c.cleanPackedInflight(v) // the front-end learns the base from the reply
 		v.closeKick()
 		v.enabled.Store(false)
 		c.log.WithFields(logrus.Fields{"queue": v.index, "base": v.base}).Debug("ring stopped")

@@ -168,6 +168,10 @@ func (q *PackedQueue) logWrite(b []byte) {
 	}
 }
 
+// DescRing is the descriptor ring in guest memory (for inflight tracking's resume, which
+// reads it on the connection's goroutine).
+func (q *PackedQueue) DescRing() []byte { return q.desc }
+
 // Size is the number of descriptors in the ring.
 func (q *PackedQueue) Size() int { return int(q.size) }
 

@@ -16,8 +16,8 @@ import (
 type optionDisk struct {
 	name   string
 	opts   string
-	queues int // the guest's queue count: -smp 2 gives 2 when num-queues is QEMU's default
-	numQ   int // num-queues on the command line; 0: QEMU's default
+	queues int  // the guest's queue count: -smp 2 gives 2 when num-queues is QEMU's default
+	numQ   int  // num-queues on the command line; 0: QEMU's default
 	packed bool // the guest must run packed rings (VIRTIO_F_RING_PACKED): QEMU and vublk offer them
 }
 
