@@ -134,11 +134,13 @@ func (p *packedInflight) Popped(id uint16, descs [][]byte) {
 
 // Publishing implements virtio.PackedInflightLog: the chain's states go back to the free list
 // and the used position moves on, in the current fields only.
-func (p *packedInflight) Publishing(id uint16) {
+func (p *packedInflight) Publishing(id uint16, usedIdx uint16, usedWrap bool) {
 	p.mu.Lock()
 	if int(id) >= len(p.headOf) {
 		return
 	}
+	p.setU16(pOffUsedIdx, usedIdx)
+	p.b[pOffUsedWrap] = wrapByte(usedWrap)
 	head := p.headOf[id]
 	h := p.state(head)
 	last := binary.LittleEndian.Uint16(h[sOffLast:])
@@ -151,21 +153,22 @@ func (p *packedInflight) Publishing(id uint16) {
 
 // Published implements virtio.PackedInflightLog: the used descriptor is visible; the head is
 // no longer in flight, and the current fields become the consistent ones.
-func (p *packedInflight) Published(id uint16, usedIdx uint16, usedWrap bool) {
+func (p *packedInflight) Published(id uint16) {
 	defer p.mu.Unlock()
 	if int(id) >= len(p.headOf) {
 		return
 	}
-	p.setU16(pOffUsedIdx, usedIdx)
-	w := byte(0)
-	if usedWrap {
-		w = 1
-	}
-	p.b[pOffUsedWrap] = w
 	p.state(p.headOf[id])[sOffInflight] = 0
 	p.setU16(pOffOldFreeHead, p.u16(pOffFreeHead))
-	p.setU16(pOffOldUsedIdx, usedIdx)
-	p.b[pOffOldUsedWrap] = w
+	p.setU16(pOffOldUsedIdx, p.u16(pOffUsedIdx))
+	p.b[pOffOldUsedWrap] = p.b[pOffUsedWrap]
+}
+
+func wrapByte(wrap bool) byte {
+	if wrap {
+		return 1
+	}
+	return 0
 }
 
 // packedResume is what a packed ring continues with after resumePacked.

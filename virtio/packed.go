@@ -96,11 +96,11 @@ type packedBuf struct {
 // run where PushUsed does.
 type PackedInflightLog interface {
 	Popped(id uint16, descs [][]byte)
-	// Publishing is called before the used descriptor of id is written.
-	Publishing(id uint16)
-	// Published is called once the used descriptor is visible, with the ring's next used
-	// position and wrap counter.
-	Published(id uint16, usedIdx uint16, usedWrap bool)
+	// Publishing is called before the used descriptor of id is written, with the ring's
+	// next used position and wrap counter once it is.
+	Publishing(id uint16, usedIdx uint16, usedWrap bool)
+	// Published is called once the used descriptor is visible.
+	Published(id uint16)
 }
 
 // NewPackedQueue maps a packed ring of size descriptors: addrs.Desc is the descriptor ring,
@@ -371,10 +371,11 @@ func (q *PackedQueue) PushUsed(id uint16, written uint32) {
 	if id >= q.size {
 		return // not a token Next returned
 	}
-	if q.inflight != nil {
-		q.inflight.Publishing(id)
-	}
 	n := q.bufs[id].n
+	nextUsed, nextWrap := q.advance(q.usedIdx, q.usedWrap, n)
+	if q.inflight != nil {
+		q.inflight.Publishing(id, nextUsed, nextWrap)
+	}
 	// Released before the used descriptor is visible: the driver may make id available again
 	// at once.
 	q.outstanding.Add(-int32(n))
@@ -387,9 +388,9 @@ func (q *PackedQueue) PushUsed(id uint16, written uint32) {
 	}
 	store32(q.desc, slot+12, uint32(id)|flags<<16)
 	q.logWrite(q.desc[slot : slot+descSize])
-	q.usedIdx, q.usedWrap = q.advance(q.usedIdx, q.usedWrap, n)
+	q.usedIdx, q.usedWrap = nextUsed, nextWrap
 	if q.inflight != nil {
-		q.inflight.Published(id, q.usedIdx, q.usedWrap)
+		q.inflight.Published(id)
 	}
 }
 
