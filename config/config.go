@@ -50,7 +50,7 @@ const (
 	DefaultLogicalBlockSize = 512
 	// DefaultPackedRing is whether exports offer packed virtqueues (VIRTIO_F_RING_PACKED)
 	// unless told.
-	DefaultPackedRing = false
+	DefaultPackedRing = true
 	// MaxSerial is VIRTIO_BLK_ID_BYTES (virtio 1.2, 5.2.6 "Device Operation"): the serial a
 	// guest reads with VIRTIO_BLK_T_GET_ID.
 	MaxSerial = 20

@@ -206,6 +206,9 @@ phase_restart() {
 	secs=$(param seconds)
 	end=$(($(date +%s) + ${secs:-30}))
 	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	if [ -n "$(param packed)" ]; then
+		expect restart_packed "$(cut -c35 /sys/block/vda/device/features)" "$(param packed)"
+	fi
 	echo "E2E restart-running"
 	# Random 4 KiB writes from two jobs with 16 in flight each and a flush after every four,
 	# verified with crc32c, run after run on the first 16 MiB ...
