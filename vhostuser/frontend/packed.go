@@ -69,12 +69,25 @@ func (q *Queue) publishPackedLocked(chain []Desc, p *Pending) error {
 	if q.closed {
 		return ErrClosed
 	}
+	head, headWrap := pk.next, pk.nextWrap
+	q.putPackedLocked(chain, p)
+	if q.kick != nil && q.needKickPacked(head, headWrap, n) {
+		q.kick.Write(eventOne)
+	}
+	return nil
+}
+
+// putPackedLocked writes chain at the next ring position and makes it available, without a
+// kick. There is room for it.
+func (q *Queue) putPackedLocked(chain []Desc, p *Pending) {
+	pk := q.pk
+	n := len(chain)
 	id := pk.freeIDs[len(pk.freeIDs)-1]
 	pk.freeIDs = pk.freeIDs[:len(pk.freeIDs)-1]
 	pk.freeSlots -= n
 	pk.chainLen[id] = uint16(n)
 	q.inflight[id] = p
-	head, headWrap := pk.next, pk.nextWrap
+	head := pk.next
 	var headFlags uint16
 	for i, c := range chain {
 		flags := c.Flags | availFlags(pk.nextWrap)
@@ -97,8 +110,34 @@ func (q *Queue) publishPackedLocked(chain []Desc, p *Pending) error {
 	// The head last, id and flags together: this makes the chain available.
 	store32(q.desc, descSize*int(head)+12, uint32(id)|uint32(headFlags)<<16)
 	q.availIdx++
-	if q.kick != nil && q.needKickPacked(head, headWrap, n) {
-		q.kick.Write(eventOne)
+}
+
+// submitBatchPacked is SubmitBatch for a packed ring: each chain is made available as it is
+// written, and one kick at most covers the batch (or what was written before a wait for room).
+func (q *Queue) submitBatchPacked(reqs []SlotRequest) error {
+	pk := q.pk
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	old, oldWrap, count := pk.next, pk.nextWrap, 0
+	announce := func() {
+		if count > 0 && !q.closed && q.kick != nil && q.needKickPacked(old, oldWrap, count) {
+			q.kick.Write(eventOne)
+		}
+		old, oldWrap, count = pk.next, pk.nextWrap, 0
+	}
+	defer announce()
+	for i := range reqs {
+		r := &reqs[i]
+		chain, p := q.slotChainLocked(r)
+		for (pk.freeSlots < len(chain) || len(pk.freeIDs) == 0) && !q.closed {
+			announce()
+			q.space.Wait()
+		}
+		if q.closed {
+			return ErrClosed
+		}
+		q.putPackedLocked(chain, p)
+		count += len(chain)
 	}
 	return nil
 }
