@@ -102,6 +102,8 @@ type Job struct {
 	ReadMix int
 	// Seed seeds the offsets and the read/write mix; 0 picks one at random.
 	Seed uint64
+	// Packed drives packed virtqueues (VIRTIO_F_RING_PACKED); the device must offer them.
+	Packed bool
 }
 
 // DefaultJob is the job with every option at its default: 4 KiB random

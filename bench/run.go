@@ -54,7 +54,7 @@ func Run(ctx context.Context, t Target, j Job) (*Result, error) {
 		}
 	}
 	dev, err := frontend.Connect(t.Socket, frontend.Options{
-		NumQueues: j.Queues, QueueSize: queueSize(j.IODepth), EventIdx: true, MemSize: mem,
+		NumQueues: j.Queues, QueueSize: queueSize(j.IODepth), EventIdx: true, MemSize: mem, Packed: j.Packed,
 	})
 	if err != nil {
 		if errors.Is(err, frontend.ErrNotOffered) {
@@ -130,6 +130,8 @@ func (r *runner) checkDevice() error {
 		return badJob("--bs %d is not a multiple of the device's %d-byte logical block", j.BlockSize, cfg.BlkSize)
 	case j.Mode.Writes() && f&(1<<virtio.BlkFRO) != 0:
 		return badJob("%v on a read-only device", j.Mode)
+	case j.Packed && f&(1<<virtio.FRingPacked) == 0:
+		return badJob("--packed on a device that does not offer VIRTIO_F_RING_PACKED")
 	case j.FlushEvery > 0 && f&(1<<virtio.BlkFFlush) == 0:
 		return badJob("--flush-every on a device that does not offer VIRTIO_BLK_F_FLUSH")
 	case j.Size > capacity:

@@ -48,6 +48,9 @@ const (
 	MaxNumQueues            = 64
 	MaxLanes                = 1024
 	DefaultLogicalBlockSize = 512
+	// DefaultPackedRing is whether exports offer packed virtqueues (VIRTIO_F_RING_PACKED)
+	// unless told.
+	DefaultPackedRing = true
 	// MaxSerial is VIRTIO_BLK_ID_BYTES (virtio 1.2, 5.2.6 "Device Operation"): the serial a
 	// guest reads with VIRTIO_BLK_T_GET_ID.
 	MaxSerial = 20
@@ -98,6 +101,7 @@ type Export struct {
 
 	LogicalBlockSize int  // logical_block_size: 512 (default) or 4096
 	Discard          bool // discard: offer DISCARD and WRITE_ZEROES; default true
+	PackedRing       bool // packed_ring: offer VIRTIO_F_RING_PACKED (vhost-user only); default DefaultPackedRing
 
 	// The socket's owner, group and mode, set after it is created (socket_path only): libvirt
 	// runs QEMU as its own user, which must be able to connect.

@@ -206,6 +206,7 @@ func TestErrors(t *testing.T) {
 		{"io engine empty", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nio_engine = \"\" # <-\n", "export[0].io_engine", `must be lanes or uring, not ""`},
 		{"io engine in capitals", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nIO_ENGINE = \"uring\" # <-\n", "export[0].IO_ENGINE", "unknown key (did you mean io_engine?)"},
 		{"discard not a boolean", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\ndiscard = \"off\" # <-\n", "export[0].discard", "must be true or false"},
+		{"packed_ring not a boolean", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\npacked_ring = 1 # <-\n", "export[0].packed_ring", "must be true or false"},
 
 		// Socket ownership.
 		{"unknown owner", "[[export]]\nname = \"x\"\nsocket_path = \"$DIR/x.sock\"\nfile = \"$DIR/a.img\"\nsocket_owner = \"no-such-user-vublk\" # <-\n", "export[0].socket_owner", `no user "no-such-user-vublk" on this host`},
@@ -361,6 +362,7 @@ size = "1G"
 		IOEngine:         IOEngineLanes,
 		LogicalBlockSize: 512,
 		Discard:          true,
+		PackedRing:       true,
 		SocketUID:        -1,
 		SocketGID:        -1,
 		Line:             2,
@@ -401,6 +403,7 @@ direct = false
 io_engine = "lanes"
 logical_block_size = 4096
 discard = false
+packed_ring = false
 socket_owner = "root"
 socket_group = "$GROUP"
 socket_mode = "0660"
@@ -431,7 +434,7 @@ lanes = 0
 		// direct and io_engine from [global].
 		Name: "base", FD: 0, File: filepath.Join(f.dir, "b.img"), ReadOnly: true, NumQueues: 16, Lanes: 7,
 		Serial: "base", WriteCache: WriteBack, Direct: true, IOEngine: IOEngineURing,
-		LogicalBlockSize: 512, Discard: true, SocketUID: -1, SocketGID: -1, Line: 29,
+		LogicalBlockSize: 512, Discard: true, PackedRing: true, SocketUID: -1, SocketGID: -1, Line: 30,
 	}}
 	if !reflect.DeepEqual(cfg.Exports, want) {
 		t.Errorf("exports\n%+v\nwant\n%+v", cfg.Exports, want)

@@ -284,6 +284,7 @@ func (p *parser) decodeExport(t *table, g *Global) Export {
 		WriteCache:       WriteBack,
 		LogicalBlockSize: DefaultLogicalBlockSize,
 		Discard:          true,
+		PackedRing:       DefaultPackedRing,
 		SocketUID:        -1,
 		SocketGID:        -1,
 		Line:             p.lines.lineOf(t.key),
@@ -406,6 +407,9 @@ func (p *parser) decodeExport(t *table, g *Global) Export {
 	}
 	if b, ok := t.boolean("discard"); ok {
 		e.Discard = b
+	}
+	if b, ok := t.boolean("packed_ring"); ok {
+		e.PackedRing = b
 	}
 
 	if s, ok := t.str("socket_owner"); ok {

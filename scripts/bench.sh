@@ -9,10 +9,11 @@
 #
 # Environment: ROUNDS (3), RUNTIME (5s per job), RAMP (1s warm-up per job), SIZE_MB (1024),
 # QUEUES (2: both servers are started with this many queues), OUT (bin/bench-results.jsonl),
-# SERVERS ("qsd vublk"; add vublk-uring for vublk with --io-engine uring, vublk-limited for vublk
-# with I/O limits far above what it can do, so that every request goes through the throttle and
-# none waits: the cost of the limits themselves; vublk-ref for the vublk binary VUBLK_REF, e.g. one
-# built from an older commit), BASE (qsd: the server the others are compared with).
+# SERVERS ("qsd vublk vublk-packed": vublk-packed is vublk driven on packed rings; add vublk-uring
+# for vublk with --io-engine uring, vublk-limited for vublk with I/O limits far above what it can
+# do, so that every request goes through the throttle and none waits: the cost of the limits
+# themselves; vublk-ref for the vublk binary VUBLK_REF, e.g. one built from an older commit),
+# BASE (qsd: the server the others are compared with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,7 @@ RAMP=${RAMP:-1s}
 SIZE_MB=${SIZE_MB:-1024}
 QUEUES=${QUEUES:-2}
 OUT=${OUT:-bin/bench-results.jsonl}
-SERVERS=${SERVERS:-qsd vublk}
+SERVERS=${SERVERS:-qsd vublk vublk-packed}
 BASE=${BASE:-qsd}
 VUBLK=bin/vublk
 QSD=$(command -v qemu-storage-daemon || true)
@@ -90,8 +91,12 @@ start_server() {
     "${VUBLK_REF:?vublk-ref needs VUBLK_REF, a vublk binary}" serve --socket-path "$sock" --blk-file "$img" \
       --num-queues "$QUEUES" --log-level warn >"$dir/vublk-ref.log" 2>&1 &
     ;;
+  vublk-packed) # the same server as vublk; the front-end drives packed rings (vublk bench --packed)
+    "$VUBLK" serve --socket-path "$sock" --blk-file "$img" --num-queues "$QUEUES" --log-level warn \
+      >"$dir/vublk-packed.log" 2>&1 &
+    ;;
   *)
-    echo "bench: unknown server $1 (SERVERS: qsd, vublk, vublk-uring, vublk-limited, vublk-ref)" >&2
+    echo "bench: unknown server $1 (SERVERS: qsd, vublk, vublk-uring, vublk-packed, vublk-limited, vublk-ref)" >&2
     exit 2
     ;;
   esac
@@ -118,10 +123,12 @@ for round in $(seq "$ROUNDS"); do
   if [ $((round % 2)) -eq 1 ]; then order=$SERVERS; else order=$(tr ' ' '\n' <<<"$SERVERS" | tac | xargs); fi
   for server in $order; do
     start_server "$server"
+    ring=
+    [ "$server" = vublk-packed ] && ring=--packed
     for job in "${jobs[@]}"; do
       # shellcheck disable=SC2086 # the job's options are words
       line=$("$VUBLK" bench --socket "$sock" --server-pid "$server_pid" --label "$server" --json \
-        --runtime "$RUNTIME" --ramp "$RAMP" $job)
+        --runtime "$RUNTIME" --ramp "$RAMP" $ring $job)
       echo "$line" >>"$OUT"
       name=$(grep -o '"name":"[^"]*"' <<<"$line" | head -n 1 | cut -d'"' -f4)
       iops=$(grep -o '"iops":[0-9.]*' <<<"$line" | cut -d: -f2)

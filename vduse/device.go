@@ -242,7 +242,7 @@ const blkConfigSize = 72
 // without it), minus VIRTIO_BLK_F_CONFIG_WCE (VDUSE's config space is read-only for the
 // driver, and it refuses a block device offering it).
 func deviceFeatures(f uint64) uint64 {
-	return f&^(1<<blkFConfigWCE) | 1<<fAccessPlatform
+	return f&^(1<<blkFConfigWCE|1<<virtio.FRingPacked) | 1<<fAccessPlatform // VDUSE queues are split rings
 }
 
 // destroy removes the VDUSE device (VDUSE_DESTROY_DEV); the kernel refuses while it is on the

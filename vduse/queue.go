@@ -158,7 +158,7 @@ func (q *queue) stop() {
 	q.kick.SetReadDeadline(time.Unix(1, 0))
 	<-q.done
 	q.q.Drain()
-	q.base = q.q.Ring.LastAvail()
+	q.base = uint16(q.q.Ring.Base())
 	q.kick.SetReadDeadline(time.Time{})
 	q.q, q.done = nil, nil
 }

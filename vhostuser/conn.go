@@ -240,6 +240,7 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 			return nil, true, err
 		}
 		c.stopRing(v)
+		c.cleanPackedInflight(v) // the front-end learns the base from the reply
 		v.closeKick()
 		v.enabled.Store(false)
 		c.log.WithFields(logrus.Fields{"queue": v.index, "base": v.base}).Debug("ring stopped")
@@ -247,7 +248,7 @@ func (c *conn) dispatch(m *Message) (reply []byte, own bool, err error) {
 			return nil, true, err
 		}
 		p := make([]byte, 8)
-		putVringState(p, st.Index, uint32(v.base))
+		putVringState(p, st.Index, v.base)
 		return p, true, nil
 	case SetVringKick, SetVringCall, SetVringErr:
 		return nil, false, c.setVringFile(m)
@@ -357,6 +358,9 @@ func (c *conn) setFeatures(m *Message) error {
 
 func (c *conn) eventIdx() bool { return c.features&(1<<virtio.FRingEventIdx) != 0 }
 
+// packed reports whether the driver acknowledged VIRTIO_F_RING_PACKED: every ring is packed.
+func (c *conn) packed() bool { return c.features&(1<<virtio.FRingPacked) != 0 }
+
 func (c *conn) setVringState(m *Message) error {
 	st, err := m.VringState()
 	if err != nil {
@@ -368,7 +372,9 @@ func (c *conn) setVringState(m *Message) error {
 	}
 	switch m.Request {
 	case SetVringNum:
-		if st.Num == 0 || st.Num > virtio.MaxQueueSize || st.Num&(st.Num-1) != 0 {
+		// A packed ring's size need not be a power of two (virtio 1.2, 2.8); the features are
+		// acknowledged before the rings are set up.
+		if st.Num == 0 || st.Num > virtio.MaxQueueSize || (!c.packed() && st.Num&(st.Num-1) != 0) {
 			return fmt.Errorf("%w: queue size %d", ErrRejected, st.Num)
 		}
 		if v.started() {
@@ -376,13 +382,15 @@ func (c *conn) setVringState(m *Message) error {
 		}
 		v.num = int(st.Num)
 	case SetVringBase:
-		if st.Num > 0xffff {
-			return fmt.Errorf("%w: vring base %#x (packed rings are not offered)", ErrRejected, st.Num)
+		// Packed rings: both positions and wrap counters (virtio.PackedBase); split rings: the
+		// next available index.
+		if !c.packed() && st.Num > 0xffff {
+			return fmt.Errorf("%w: vring base %#x of a split ring", ErrRejected, st.Num)
 		}
 		if v.started() {
 			return fmt.Errorf("queue %d: SET_VRING_BASE while the ring runs", v.index)
 		}
-		v.base = uint16(st.Num)
+		v.base = st.Num
 	case SetVringEnable:
 		if st.Num > 1 {
 			return fmt.Errorf("%w: SET_VRING_ENABLE %d", ErrRejected, st.Num)
@@ -456,32 +464,53 @@ func (c *conn) startRing(v *vring) error {
 	case v.num == 0 || !v.addrSet:
 		return fmt.Errorf("queue %d: size or addresses not set", v.index)
 	}
-	ring, err := virtio.NewSplitQueue(c.mem, v.num,
-		virtio.RingAddrs{Desc: v.addr.Desc, Avail: v.addr.Avail, Used: v.addr.Used}, c.eventIdx(), v.base)
-	if err != nil {
-		return fmt.Errorf("queue %d: %w", v.index, err)
-	}
-	resumed, err := c.resumeInflight(v, ring)
-	if err != nil {
-		// The ring does not start: resubmitting from a region we cannot
-		// read, or running without it, could complete a chain the guest
-		// already saw completed. The other queues and the connection go
-		// on; the front-end hears of it by the NACK and the error fd.
-		v.err.Notify()
-		return fmt.Errorf("queue %d: %w", v.index, err)
+	addrs := virtio.RingAddrs{Desc: v.addr.Desc, Avail: v.addr.Avail, Used: v.addr.Used}
+	var (
+		ring    virtio.Ring
+		resumed bool
+		used    any
+	)
+	if c.packed() {
+		// SET_VRING_ADDR's avail and used are the driver and device areas.
+		pq, err := virtio.NewPackedQueue(c.mem, v.num, addrs, c.eventIdx(), v.base)
+		if err != nil {
+			return fmt.Errorf("queue %d: %w", v.index, err)
+		}
+		if resumed, err = c.resumePackedInflight(v, pq); err != nil {
+			v.err.Notify()
+			return fmt.Errorf("queue %d: %w", v.index, err)
+		}
+		if v.addr.Flags&VringFLog != 0 {
+			pq.SetUsedLog(&c.logger)
+		}
+		ring, used = pq, fmt.Sprintf("%#x", pq.Base()>>16)
+	} else {
+		sq, err := virtio.NewSplitQueue(c.mem, v.num, addrs, c.eventIdx(), uint16(v.base))
+		if err != nil {
+			return fmt.Errorf("queue %d: %w", v.index, err)
+		}
+		if resumed, err = c.resumeInflight(v, sq); err != nil {
+			// The ring does not start: resubmitting from a region we cannot
+			// read, or running without it, could complete a chain the guest
+			// already saw completed. The other queues and the connection go
+			// on; the front-end hears of it by the NACK and the error fd.
+			v.err.Notify()
+			return fmt.Errorf("queue %d: %w", v.index, err)
+		}
+		if v.addr.Flags&VringFLog != 0 {
+			sq.SetUsedLog(&c.logger, v.addr.Log)
+		}
+		ring, used = sq, sq.UsedIdx()
 	}
 	kick, err := newKickWaiter(v.kick)
 	if err != nil {
 		return fmt.Errorf("queue %d: %w", v.index, err)
 	}
-	if v.addr.Flags&VringFLog != 0 {
-		ring.SetUsedLog(&c.logger, v.addr.Log)
-	}
 	v.q = &virtio.Queue{Index: v.index, Ring: ring, Mem: c.mem, Notify: &v.call, Log: &c.logger}
 	v.waiter = kick
 	v.broken.Store(false)
 	v.done = make(chan struct{})
-	c.log.WithFields(logrus.Fields{"queue": v.index, "size": v.num, "base": v.base, "used": ring.UsedIdx()}).Debug("ring started")
+	c.log.WithFields(logrus.Fields{"queue": v.index, "size": v.num, "base": v.base, "used": used, "packed": c.packed()}).Debug("ring started")
 	go c.runRing(v, v.q, kick, v.done, resumed)
 	return nil
 }
@@ -533,7 +562,7 @@ func (c *conn) stopRing(v *vring) {
 	v.poke()
 	<-v.done
 	v.q.Drain()
-	v.base = v.q.Ring.LastAvail()
+	v.base = v.q.Ring.Base()
 	v.waiter.close()
 	v.waiter, v.q, v.done = nil, nil, nil
 	v.stopping.Store(false)

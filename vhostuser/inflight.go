@@ -102,11 +102,15 @@ func (im InflightMsg) checkShape(maxQueues int) error {
 // region per queue (version 0: not yet initialised). It is sealed against
 // resizing, so that no one can truncate it under our mapping and turn an
 // access into SIGBUS.
-func newInflightBuffer(req InflightMsg, maxQueues int) (fd int, reply InflightMsg, err error) {
+func newInflightBuffer(req InflightMsg, maxQueues int, packed bool) (fd int, reply InflightMsg, err error) {
 	if err := req.checkShape(maxQueues); err != nil {
 		return -1, InflightMsg{}, err
 	}
-	size := int64(req.NumQueues) * int64(InflightQueueRegionSize(max(int(req.QueueSize), inflightMinEntries)))
+	region := InflightQueueRegionSize(max(int(req.QueueSize), inflightMinEntries))
+	if packed {
+		region = InflightPackedRegionSize(max(int(req.QueueSize), inflightMinEntries))
+	}
+	size := int64(req.NumQueues) * int64(region)
 	fd, err = unix.MemfdCreate("vublk-inflight", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return -1, InflightMsg{}, fmt.Errorf("inflight buffer: memfd_create: %w", err)
@@ -373,7 +377,7 @@ func (c *conn) getInflightFd(m *Message) ([]byte, error) {
 	var fd int
 	var reply InflightMsg
 	if err == nil {
-		fd, reply, err = newInflightBuffer(req, c.numQueues)
+		fd, reply, err = newInflightBuffer(req, c.numQueues, c.packed())
 	}
 	if err != nil {
 		c.rejected.Log(logrus.Fields{"request": m.Request.String(), "error": err.Error()}, "no inflight buffer: the rings run without inflight tracking")
@@ -461,7 +465,7 @@ func (c *conn) resumeInflight(v *vring, ring *virtio.SplitQueue) (bool, error) {
 	}
 	ring.Resume(lastAvail, resubmit)
 	log := c.log.WithFields(logrus.Fields{"queue": v.index, "base": v.base, "last_avail": lastAvail, "resubmit": len(resubmit)})
-	if len(resubmit) > 0 || lastAvail != v.base {
+	if len(resubmit) > 0 || uint32(lastAvail) != v.base {
 		log.Info("resuming the queue from the inflight buffer")
 	} else {
 		log.Debug("inflight buffer: nothing to resubmit")

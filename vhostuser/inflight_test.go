@@ -71,6 +71,7 @@ func TestInflightHelperBackend(t *testing.T) {
 	engine.SetInlineLimit(0)
 	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{
 		Capacity: uint64(file.Size()), BlockSize: 512, NumQueues: helperQueues, Serial: "helper", Writeback: true, Discard: true,
+		Packed: os.Getenv("VUBLK_HELPER_PACKED") == "1",
 	}, log)
 	ln, err := vhostuser.Listen(sock)
 	if err != nil {
@@ -92,6 +93,7 @@ type helperOptions struct {
 	lanes   int
 	hang    int64 // writes at or beyond this offset never finish; 0: none
 	delayUs int
+	packed  bool // offer packed rings
 }
 
 func startHelper(t *testing.T, sock, image string, o helperOptions) *helperBackend {
@@ -99,7 +101,7 @@ func startHelper(t *testing.T, sock, image string, o helperOptions) *helperBacke
 	h := &helperBackend{cmd: exec.Command(os.Args[0], "-test.run=^TestInflightHelperBackend$"), done: make(chan struct{})}
 	h.cmd.Env = append(os.Environ(), "VUBLK_HELPER_SOCKET="+sock, "VUBLK_HELPER_IMAGE="+image,
 		fmt.Sprintf("VUBLK_HELPER_LANES=%d", o.lanes), fmt.Sprintf("VUBLK_HELPER_HANG=%d", o.hang),
-		fmt.Sprintf("VUBLK_HELPER_DELAY_US=%d", o.delayUs))
+		fmt.Sprintf("VUBLK_HELPER_DELAY_US=%d", o.delayUs), fmt.Sprintf("VUBLK_HELPER_PACKED=%d", map[bool]int{false: 0, true: 1}[o.packed]))
 	stdout, err := h.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -228,14 +230,20 @@ func checkExactlyOnce(t *testing.T, d *frontend.Device) {
 // resubmits the requests in the order the dead one had popped them, then
 // goes on with what it had not popped, and the front-end sees each request
 // complete once, with the right data.
-func TestInflightResubmitsInOrderAfterKill(t *testing.T) {
+func TestInflightResubmitsInOrderAfterKill(t *testing.T) { testInflightInOrder(t, false) }
+
+// TestInflightPackedResubmitsInOrderAfterKill is TestInflightResubmitsInOrderAfterKill on packed
+// rings.
+func TestInflightPackedResubmitsInOrderAfterKill(t *testing.T) { testInflightInOrder(t, true) }
+
+func testInflightInOrder(t *testing.T, packed bool) {
 	const size, hang = 16 << 20, 1 << 20
 	dir, image := newImage(t, size)
 	sock := filepath.Join(dir, "sock")
 	// One lane: requests run in the order they are submitted, so the
 	// image shows the resubmission order.
-	a := startHelper(t, sock, image, helperOptions{lanes: 1, hang: hang})
-	d, err := frontend.Connect(sock, frontend.Options{NumQueues: helperQueues, QueueSize: 64, EventIdx: true, Inflight: true})
+	a := startHelper(t, sock, image, helperOptions{lanes: 1, hang: hang, packed: packed})
+	d, err := frontend.Connect(sock, frontend.Options{NumQueues: helperQueues, QueueSize: 64, EventIdx: true, Inflight: true, Packed: packed})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,7 +290,7 @@ func TestInflightResubmitsInOrderAfterKill(t *testing.T) {
 	if d.InflightPending(0) != 4 || d.InflightPending(1) != 1 {
 		t.Fatalf("after the kill the buffer shows %d and %d in flight", d.InflightPending(0), d.InflightPending(1))
 	}
-	b := startHelper(t, sock, image, helperOptions{lanes: 1})
+	b := startHelper(t, sock, image, helperOptions{lanes: 1, packed: packed})
 	if err := d.Reconnect(sock); err != nil {
 		t.Fatalf("reconnect: %v\n%s", err, b.logs())
 	}
@@ -300,7 +308,7 @@ func TestInflightResubmitsInOrderAfterKill(t *testing.T) {
 		}
 	}
 	checkExactlyOnce(t, d)
-	if !strings.Contains(b.logs(), "resuming the queue from the inflight buffer") {
+	if !strings.Contains(b.logs(), "resuming the queue from the inflight buffer") && !strings.Contains(b.logs(), "resuming the packed queue from the inflight buffer") {
 		t.Errorf("the new back-end did not log the resume:\n%s", b.logs())
 	}
 	if t.Failed() {
@@ -312,7 +320,14 @@ func TestInflightResubmitsInOrderAfterKill(t *testing.T) {
 // under a load of slow, concurrent writes on both queues, five times. Every
 // write completes exactly once and is on the disk; none is lost, none runs
 // twice from the guest's view.
-func TestInflightSurvivesRepeatedKills(t *testing.T) {
+func TestInflightSurvivesRepeatedKills(t *testing.T) { testInflightRepeatedKills(t, false) }
+
+// TestInflightPackedSurvivesRepeatedKills is TestInflightSurvivesRepeatedKills on packed rings,
+// whose region keeps copies of the descriptors in flight (used descriptors overwrite them in the
+// ring).
+func TestInflightPackedSurvivesRepeatedKills(t *testing.T) { testInflightRepeatedKills(t, true) }
+
+func testInflightRepeatedKills(t *testing.T, packed bool) {
 	const size, block = 16 << 20, 4096
 	rounds := 5
 	if testing.Short() {
@@ -320,14 +335,17 @@ func TestInflightSurvivesRepeatedKills(t *testing.T) {
 	}
 	dir, image := newImage(t, size)
 	sock := filepath.Join(dir, "sock")
-	opts := helperOptions{lanes: 4, delayUs: 20000}
+	opts := helperOptions{lanes: 4, delayUs: 20000, packed: packed}
 	h := startHelper(t, sock, image, opts)
-	d, err := frontend.Connect(sock, frontend.Options{NumQueues: helperQueues, QueueSize: 32, EventIdx: true, Inflight: true})
+	d, err := frontend.Connect(sock, frontend.Options{NumQueues: helperQueues, QueueSize: 32, EventIdx: true, Inflight: true, Packed: packed})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer d.Close()
 	failFast(t, d)
+	if packed != (d.Features()&(1<<virtio.FRingPacked) != 0) {
+		t.Fatalf("features %#x: packed rings %v not negotiated", d.Features(), packed)
+	}
 	rng := rand.New(rand.NewPCG(1, 2))
 	type write struct {
 		p      *frontend.Pending

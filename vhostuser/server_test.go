@@ -38,6 +38,7 @@ type exportOptions struct {
 	readOnly  bool
 	writeback bool
 	store     backend.Store // default: a FileStore in a temporary directory
+	packed    bool          // offer VIRTIO_F_RING_PACKED
 }
 
 type export struct {
@@ -70,7 +71,7 @@ func newExport(t *testing.T, o exportOptions) *export {
 	engine := backend.NewEngine(store, 4)
 	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{
 		Capacity: uint64(store.Size()), BlockSize: 512, NumQueues: diskQueues, ReadOnly: o.readOnly,
-		Serial: serial, Writeback: o.writeback, Discard: !o.readOnly,
+		Serial: serial, Writeback: o.writeback, Discard: !o.readOnly, Packed: o.packed,
 	}, entry)
 	// A short directory: unix socket paths are limited to 108 bytes.
 	dir, err := os.MkdirTemp("", "vublk")

@@ -78,7 +78,7 @@ type vring struct {
 	num     int
 	addr    VringAddr
 	addrSet bool
-	base    uint16 // next available index to pop when (re)started
+	base    uint32 // where to go on when (re)started: virtio.Ring.Base
 	kick    int    // -1: none
 	call    eventNotifier
 	err     eventNotifier

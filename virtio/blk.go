@@ -44,6 +44,7 @@ const (
 	FRingIndirectDesc = 28
 	FRingEventIdx     = 29
 	FVersion1         = 32
+	FRingPacked       = 34 // VIRTIO_F_RING_PACKED
 )
 
 const (

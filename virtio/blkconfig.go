@@ -20,6 +20,8 @@ type BlkConfig struct {
 	Writeback bool
 	// Discard enables DISCARD and WRITE_ZEROES.
 	Discard bool
+	// Packed offers VIRTIO_F_RING_PACKED: the driver may then run packed rings.
+	Packed bool
 }
 
 // Limits the device advertises.
@@ -70,6 +72,9 @@ func (c *BlkConfig) Features() uint64 {
 	f := uint64(1)<<FVersion1 | 1<<FRingIndirectDesc | 1<<FRingEventIdx |
 		1<<BlkFSizeMax | 1<<BlkFSegMax | 1<<BlkFBlkSize | 1<<BlkFFlush |
 		1<<BlkFConfigWCE | 1<<BlkFMQ
+	if c.Packed {
+		f |= 1 << FRingPacked
+	}
 	if c.ReadOnly {
 		f |= 1 << BlkFRO
 	} else if c.Discard {

@@ -21,7 +21,7 @@ type Notifier interface {
 // buffers live in, and what completions need.
 type Queue struct {
 	Index  int
-	Ring   *SplitQueue
+	Ring   Ring
 	Mem    *GuestMemory
 	Notify Notifier
 	// Log, when it holds a log, records every write of a completion to guest memory (read data,

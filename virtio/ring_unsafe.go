@@ -53,3 +53,17 @@ func fence() {
 	var x atomic.Uint32
 	x.Add(1)
 }
+
+// load32 atomically reads the little-endian uint32 at b[off:]; off is a multiple of 4 from a
+// 4-aligned start (a packed descriptor's id and flags, an event suppression structure).
+func load32(b []byte, off int) uint32 {
+	_ = b[off : off+4 : len(b)]
+	return atomic.LoadUint32((*uint32)(unsafe.Add(unsafe.Pointer(unsafe.SliceData(b)), off)))
+}
+
+// store32 atomically writes v as the little-endian uint32 at b[off:], with the alignment of
+// load32: a packed used descriptor's id and flags become visible together.
+func store32(b []byte, off int, v uint32) {
+	_ = b[off : off+4 : len(b)]
+	atomic.StoreUint32((*uint32)(unsafe.Add(unsafe.Pointer(unsafe.SliceData(b)), off)), v)
+}

@@ -59,6 +59,7 @@ func bench(args []string, stdout, stderr io.Writer) int {
 		return err
 	})
 	fs.IntVar(&j.FlushEvery, "flush-every", 0, "on every queue, send a FLUSH after every N writes (0: never)")
+	fs.BoolVar(&j.Packed, "packed", false, "drive packed virtqueues (the device must offer VIRTIO_F_RING_PACKED)")
 	fs.BoolVar(&j.Verify, "verify", false, "write self-checking data, check every read of it, and read back every block written at the end")
 	fs.Func("size", "region to use from offset 0: bytes, or with K/M/G/T (default: the device's capacity)", func(s string) error {
 		n, err := config.ParseSize(s)

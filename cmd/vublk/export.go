@@ -33,6 +33,7 @@ type exportSpec struct {
 	writeback  bool
 	blockSize  int
 	discard    bool
+	packed     bool // offer VIRTIO_F_RING_PACKED
 	writeLog   string
 	// An RBD image instead of file ("pool/image[@snap]"), and the cluster's settings.
 	rbd         string
@@ -115,6 +116,7 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 		Serial:            spec.serial,
 		Writeback:         spec.writeback,
 		Discard:           spec.discard && !readOnly,
+		Packed:            spec.packed,
 	}, e.log)
 
 	if spec.vduse != "" {

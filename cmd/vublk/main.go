@@ -108,6 +108,7 @@ type serveOptions struct {
 	writeCache  string
 	blockSize   int
 	noDiscard   bool
+	packedRing  bool
 	name        string
 	writeLog    string
 	logLevel    string
@@ -143,6 +144,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.writeCache, "write-cache", "writeback", "cache mode the guest sees: writeback (it sends flushes) or writethrough")
 	fs.IntVar(&o.blockSize, "logical-block-size", 512, "logical block size the guest sees: 512 or 4096")
 	fs.BoolVar(&o.noDiscard, "no-discard", false, "do not offer DISCARD and WRITE_ZEROES")
+	fs.BoolVar(&o.packedRing, "packed-ring", config.DefaultPackedRing, "offer packed virtqueues (VIRTIO_F_RING_PACKED) to vhost-user front-ends")
 	fs.StringVar(&o.name, "name", "", "export name for logs (default: the file's base name)")
 	fs.StringVar(&o.writeLog, "write-log", "", "append every completed write, discard, write-zeroes and flush to this log (see vublk replay)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn, error")
@@ -331,7 +333,7 @@ func runExport(o serveOptions, size int64, limits backend.Limits, logger *logrus
 	e, err := startExport(exportSpec{
 		name: o.name, socketPath: o.socketPath, fd: o.fd, file: o.blkFile, size: size, resize: o.resize,
 		readOnly: o.readOnly, numQueues: o.numQueues, lanes: o.lanes, direct: o.direct, ioEngine: o.ioEngine,
-		serial: o.serial, writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard,
+		serial: o.serial, writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard, packed: o.packedRing,
 		writeLog: o.writeLog, socketUID: -1, socketGID: -1, vduse: o.vduse, vduseBus: o.vduseBus,
 		rbd: o.blkRBD, cephConf: o.cephConf, cephUser: o.cephUser, cephKeyring: o.cephKeyring, rbdTimeout: o.rbdTimeout,
 		rbdCache: o.rbdCache,

@@ -142,7 +142,7 @@ func specFromConfig(ec config.Export) exportSpec {
 	return exportSpec{
 		name: ec.Name, socketPath: ec.SocketPath, fd: ec.FD, file: ec.File, size: ec.Size, resize: ec.Resize,
 		readOnly: ec.ReadOnly, numQueues: ec.NumQueues, lanes: ec.Lanes, direct: ec.Direct, ioEngine: ec.IOEngine,
-		serial: ec.Serial, writeback: ec.Writeback(), blockSize: ec.LogicalBlockSize, discard: ec.Discard,
+		serial: ec.Serial, writeback: ec.Writeback(), blockSize: ec.LogicalBlockSize, discard: ec.Discard, packed: ec.PackedRing,
 		writeLog: ec.WriteLog, socketUID: ec.SocketUID, socketGID: ec.SocketGID, socketMode: ec.SocketMode,
 		vduse: ec.VDUSE, vduseBus: ec.VDUSEBus,
 		rbd: ec.RBD, cephConf: ec.CephConf, cephUser: ec.CephUser, cephKeyring: ec.CephKeyring, rbdTimeout: ec.RBDTimeout,

@@ -64,6 +64,8 @@ type rigConfig struct {
 	// wait in the throttle's queue, admitted through the barrier, before they reach a lane. With
 	// inline, the queues call SubmitIdle, which must then go through the throttle too.
 	throttle bool
+	// packed: the queues are packed rings (VIRTIO_F_RING_PACKED), completed out of order.
+	packed bool
 }
 
 func (c rigConfig) String() string {
@@ -79,6 +81,9 @@ func (c rigConfig) String() string {
 	}
 	if c.throttle {
 		s += "/limited"
+	}
+	if c.packed {
+		s += "/packed"
 	}
 	return s
 }
@@ -107,7 +112,7 @@ func startRig(t *testing.T, c rigConfig) *rig {
 	log.SetOutput(io.Discard)
 	dev := virtio.NewBlkDevice(engine, virtio.BlkConfig{
 		Capacity: diskSize, BlockSize: 512, PhysicalBlockSize: 512, NumQueues: uint16(c.queues),
-		Serial: "crash", Writeback: c.writeThrough != "config", Discard: true,
+		Serial: "crash", Writeback: c.writeThrough != "config", Discard: true, Packed: c.packed,
 	}, log.WithField("export", "crash"))
 	srv := vhostuser.NewServer(dev, c.queues, log.WithField("export", "crash"))
 	sock := filepath.Join(t.TempDir(), "crash.sock")
@@ -117,9 +122,12 @@ func startRig(t *testing.T, c rigConfig) *rig {
 	}
 	served := make(chan struct{})
 	go func() { srv.Serve(ln); close(served) }()
-	fd, err := frontend.Connect(sock, frontend.Options{NumQueues: c.queues, QueueSize: 128, EventIdx: true, MemSize: 128 << 20})
+	fd, err := frontend.Connect(sock, frontend.Options{NumQueues: c.queues, QueueSize: 128, EventIdx: true, MemSize: 128 << 20, Packed: c.packed})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if c.packed != (fd.Features()&(1<<virtio.FRingPacked) != 0) {
+		t.Fatalf("%v: features %#x", c, fd.Features())
 	}
 	if c.writeThrough == "wce" {
 		if err := fd.SetWriteback(false); err != nil {
@@ -303,6 +311,7 @@ func TestCrashConsistency(t *testing.T) {
 	}
 	configs = append(configs, rigConfig{lanes: 2, queues: 4, inline: true}, rigConfig{lanes: 2, queues: 2, writeThrough: "config", inline: true})
 	configs = append(configs, rigConfig{lanes: 2, queues: 4, throttle: true}, rigConfig{lanes: 2, queues: 2, inline: true, throttle: true})
+	configs = append(configs, rigConfig{lanes: 8, queues: 4, packed: true}, rigConfig{lanes: 2, queues: 2, inline: true, packed: true})
 	total, totalOps := 0, int64(0)
 	start := time.Now()
 	for i, c := range configs {
@@ -324,7 +333,8 @@ func TestCrashConsistency(t *testing.T) {
 // crash drops a write the flush should have covered, so the crash points follow completed flushes.
 func TestCrashCheckerCatchesSyncBeforeDrain(t *testing.T) {
 	const maxPoints = 600
-	for i, c := range []rigConfig{{lanes: 8, queues: 4, broken: true}, {lanes: 2, queues: 1, broken: true}, {lanes: 2, queues: 4, broken: true, throttle: true}} {
+	for i, c := range []rigConfig{{lanes: 8, queues: 4, broken: true}, {lanes: 2, queues: 1, broken: true}, {lanes: 2, queues: 4, broken: true, throttle: true},
+		{lanes: 8, queues: 4, broken: true, packed: true}} {
 		t.Run(c.String(), func(t *testing.T) {
 			points, bad, examples, _ := crashRun(t, c, uint64(100+i), maxPoints, true)
 			if bad == 0 {

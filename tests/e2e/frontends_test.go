@@ -16,23 +16,25 @@ import (
 type optionDisk struct {
 	name   string
 	opts   string
-	queues int // the guest's queue count: -smp 2 gives 2 when num-queues is QEMU's default
-	numQ   int // num-queues on the command line; 0: QEMU's default
+	queues int  // the guest's queue count: -smp 2 gives 2 when num-queues is QEMU's default
+	numQ   int  // num-queues on the command line; 0: QEMU's default
+	packed bool // the guest must run packed rings (VIRTIO_F_RING_PACKED): QEMU and vublk offer them
 }
 
 var optionDisks = []optionDisk{
-	{"queue_size_128", "queue-size=128", 2, 2},
-	{"queue_size_256", "queue-size=256", 1, 1},
-	{"queue_size_1024_wce_off", "queue-size=1024,config-wce=off", 1, 1},
-	{"default_num_queues", "", 2, 0},
-	// QEMU offers packed rings with packed=on; vublk does not offer them (yet), so the guest
-	// must run on split rings.
-	{"packed_on", "packed=on", 1, 1},
+	{"queue_size_128", "queue-size=128", 2, 2, false},
+	{"queue_size_256", "queue-size=256", 1, 1, false},
+	{"queue_size_1024_wce_off", "queue-size=1024,config-wce=off", 1, 1, false},
+	{"default_num_queues", "", 2, 0, false},
+	// QEMU offers packed rings with packed=on, and so does vublk: the guest runs packed rings,
+	// two queues of them.
+	{"packed_on", "packed=on", 2, 2, true},
 }
 
 // TestDeviceOptions boots one guest with a disk per device option set, each served by its own
-// vublk, and runs the same data checks on each: size, queue count, split ring, fio verify,
-// discard and write-zeroes reading zeros, and a flush that reaches vublk.
+// vublk, and runs the same data checks on each: size, queue count, the ring layout (packed only
+// where packed=on, bit 34 of the features the guest negotiated), fio verify, discard and
+// write-zeroes reading zeros, and a flush that reaches vublk.
 func TestDeviceOptions(t *testing.T) { forEachQEMU(t, testDeviceOptions) }
 
 func testDeviceOptions(t *testing.T, q *qemuBinary) {
@@ -40,24 +42,25 @@ func testDeviceOptions(t *testing.T, q *qemuBinary) {
 	dir := t.TempDir()
 	var disks []disk
 	var daemons []*daemon
-	var names, queues []string
+	var names, queues, packed []string
 	var want []string
 	for i, o := range optionDisks {
 		d := startVublk(t, filepath.Join(dir, o.name+".sock"), "--blk-file", filepath.Join(dir, o.name+".img"),
-			"--size", strconv.Itoa(size), "--name", o.name, "--lanes", "2")
+			"--size", strconv.Itoa(size), "--name", o.name, "--lanes", "2", "--packed-ring="+strconv.FormatBool(o.packed))
 		daemons = append(daemons, d)
 		disks = append(disks, disk{socket: d.socket, numQueues: o.numQ, deviceOpts: o.opts})
 		dev := fmt.Sprintf("vd%c", 'a'+i)
 		names = append(names, dev)
 		queues = append(queues, strconv.Itoa(o.queues))
-		for _, c := range []string{"size", "queues", "split_ring", "fio_verify", "discard", "discard_zeros",
+		packed = append(packed, map[bool]string{false: "0", true: "1"}[o.packed])
+		for _, c := range []string{"size", "queues", "ring_packed", "fio_verify", "discard", "discard_zeros",
 			"write_zeroes", "write_zeroes_zeros", "flush"} {
 			want = append(want, dev+"_"+c)
 		}
 	}
 	v := bootGuest(t, boot{qemu: q, disks: disks, timeout: 8 * time.Minute, params: map[string]string{
 		"phase": "options", "size": strconv.Itoa(size),
-		"optdisks": strings.Join(names, ","), "optqueues": strings.Join(queues, ","),
+		"optdisks": strings.Join(names, ","), "optqueues": strings.Join(queues, ","), "optpacked": strings.Join(packed, ","),
 	}})
 	v.expectChecks(t, "options", want)
 	for i, d := range daemons {

@@ -206,6 +206,9 @@ phase_restart() {
 	secs=$(param seconds)
 	end=$(($(date +%s) + ${secs:-30}))
 	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	if [ -n "$(param packed)" ]; then
+		expect restart_packed "$(cut -c35 /sys/block/vda/device/features)" "$(param packed)"
+	fi
 	echo "E2E restart-running"
 	# Random 4 KiB writes from two jobs with 16 in flight each and a flush after every four,
 	# verified with crc32c, run after run on the first 16 MiB ...
@@ -330,6 +333,8 @@ phase_qemukill() {
 # flushed, verifies the data. An unclean path: reboot -f without unmounting or syncing.
 phase_reboot() {
 	expect size "$(blockdev --getsize64 /dev/vda)" "$SIZE"
+	# on both boots: the driver negotiated packed rings again after the reset
+	expect reboot_packed "$(cut -c35 /sys/block/vda/device/features)" 1
 	marker=$(dd if=/dev/vda bs=512 skip=1 count=1 2>/dev/null | head -c 12)
 	if [ "$marker" != "vublk-reboot" ]; then
 		dd if=/dev/urandom of=/tmp/data bs=1M count=8 2>/dev/null
@@ -460,11 +465,13 @@ phase_options() {
 	i=1
 	for d in $(echo "$(param optdisks)" | tr , ' '); do
 		q=$(echo "$(param optqueues)" | cut -d, -f$i)
+		p=$(echo "$(param optpacked)" | cut -d, -f$i)
 		i=$((i + 1))
 		expect "${d}_size" "$(blockdev --getsize64 /dev/$d)" "$SIZE"
 		expect "${d}_queues" "$(ls /sys/block/$d/mq | wc -l)" "$q"
-		# Feature bit 34 (VIRTIO_F_RING_PACKED) is character 35: vublk offers split rings only.
-		expect "${d}_split_ring" "$(cut -c35 /sys/block/$d/device/features)" 0
+		# Feature bit 34 (VIRTIO_F_RING_PACKED) is character 35: 1 where QEMU has packed=on.
+		echo "E2E features $d $(cat /sys/block/$d/device/features)"
+		expect "${d}_ring_packed" "$(cut -c35 /sys/block/$d/device/features)" "$p"
 		run "${d}_fio_verify" $T/fio --name=v --filename=/dev/$d --thread --direct=1 --ioengine=libaio \
 			--iodepth=32 --rw=randwrite --bs=4k --size=8M --numjobs=2 --offset_increment=8M \
 			--verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting

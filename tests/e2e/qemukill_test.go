@@ -163,25 +163,26 @@ func waitLogCount(t *testing.T, d *daemon, msg string, n int, timeout time.Durat
 // machine, the driver resets the device (vublk stops and restarts the rings on the same
 // connection), and the second boot of the same VM reads the data back and writes again. vublk
 // runs here with the other I/O path, io_uring over an O_DIRECT file, so that a real guest
-// exercises it too.
+// exercises it too, and on packed rings (packed=on): the driver's reset of a packed ring, and the
+// second boot negotiating it again.
 func TestGuestReboot(t *testing.T) { forEachQEMU(t, testGuestReboot) }
 
 func testGuestReboot(t *testing.T, q *qemuBinary) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "rw.sock")
 	d := startVublk(t, sock, "--blk-file", filepath.Join(dir, "disk.img"), "--size", "1G", "--name", "rw",
-		"--io-engine", "uring", "--direct")
+		"--io-engine", "uring", "--direct", "--packed-ring")
 	if ready := d.lastLog("export ready", "rw"); ready == nil || ready["io_engine"] != "uring" || ready["direct"] != true {
 		t.Fatalf("vublk did not start with io_uring and O_DIRECT: %v", ready)
 	}
 	v := bootGuest(t, boot{
 		qemu:    q,
-		disks:   []disk{{socket: sock, numQueues: 2}},
+		disks:   []disk{{socket: sock, numQueues: 2, deviceOpts: "packed=on"}},
 		params:  map[string]string{"phase": "reboot", "size": strconv.Itoa(diskSize)},
 		timeout: 3 * time.Minute,
 		reboot:  true,
 	})
-	v.expectChecks(t, "reboot", []string{"size", "reboot_write", "reboot_first", "reboot_second", "reboot_data", "reboot_write_again"})
+	v.expectChecks(t, "reboot", []string{"size", "reboot_packed", "reboot_write", "reboot_first", "reboot_second", "reboot_data", "reboot_write_again"})
 	if n := strings.Count(v.console.String(), "E2E ok size"); n != 2 {
 		t.Errorf("the guest booted %d times, want 2", n)
 	}

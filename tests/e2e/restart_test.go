@@ -19,17 +19,44 @@ import (
 // socket,reconnect=1) and hands the new vublk the inflight buffer
 // (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), which resubmits the requests the dead one had taken.
 // The guest must see no I/O error, and its data must verify.
-func TestBackendRestart(t *testing.T) { forEachQEMU(t, testBackendRestart) }
+func TestBackendRestart(t *testing.T) {
+	forEachQEMU(t, func(t *testing.T, q *qemuBinary) { testBackendRestart(t, q, splitRestart) })
+}
 
-func testBackendRestart(t *testing.T, q *qemuBinary) {
-	// At least minKills kills, and more until wantResumed restarts have found requests in flight
-	// (a kill lands between requests more often than not), at most maxKills, while the guest
-	// writes (90 s; the kills stop after 75 s).
-	const minKills, maxKills, wantResumed = 10, 16, 3
+// TestBackendRestartPacked is TestBackendRestart on packed rings (packed=on; the inflight buffer
+// has the packed layout), shorter: 45 s of guest I/O, at least 4 kills of which 2 find requests
+// in flight (about 2 minutes per QEMU).
+func TestBackendRestartPacked(t *testing.T) {
+	forEachQEMU(t, func(t *testing.T, q *qemuBinary) { testBackendRestart(t, q, packedRestart) })
+}
+
+// restartRun is how long a backend-restart test runs: at least minKills kills, and more until
+// wantResumed restarts have found requests in flight (a kill lands between requests more often
+// than not), at most maxKills, while the guest writes for seconds (the kills stop 15 s before).
+type restartRun struct {
+	minKills, maxKills, wantResumed, seconds int
+	packed                                   bool
+}
+
+var (
+	splitRestart  = restartRun{minKills: 10, maxKills: 16, wantResumed: 3, seconds: 90}
+	packedRestart = restartRun{minKills: 4, maxKills: 8, wantResumed: 2, seconds: 45, packed: true}
+)
+
+func testBackendRestart(t *testing.T, q *qemuBinary, run restartRun) {
+	minKills, maxKills, wantResumed := run.minKills, run.maxKills, run.wantResumed
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.img")
 	sock := filepath.Join(dir, "rw.sock")
-	args := []string{"--blk-file", img, "--size", "1G", "--lanes", "4", "--name", "rw"}
+	args := []string{"--blk-file", img, "--size", "1G", "--lanes", "4", "--name", "rw", "--packed-ring=" + strconv.FormatBool(run.packed)}
+	deviceOpts, resumeMsg := "", "resuming the queue from the inflight buffer"
+	params := map[string]string{"phase": "restart", "size": strconv.Itoa(diskSize), "seconds": strconv.Itoa(run.seconds)}
+	checks := []string{"size", "restart_dd", "restart_fio", "restart_io_errors"}
+	if run.packed {
+		deviceOpts, resumeMsg = "packed=on", "resuming the packed queue from the inflight buffer"
+		params["packed"] = "1"
+		checks = append(checks, "restart_packed")
+	}
 	d := startVublk(t, sock, args...)
 	starve(t, d)
 
@@ -39,9 +66,9 @@ func testBackendRestart(t *testing.T, q *qemuBinary) {
 	go func() {
 		result <- bootGuest(t, boot{
 			qemu:   q,
-			disks:  []disk{{socket: sock, numQueues: 2, reconnect: true}},
-			params: map[string]string{"phase": "restart", "size": strconv.Itoa(diskSize), "seconds": "90"},
-			// 90 s of I/O, then checks: a guest whose requests were lost hangs.
+			disks:  []disk{{socket: sock, numQueues: 2, reconnect: true, deviceOpts: deviceOpts}},
+			params: params,
+			// the I/O, then checks: a guest whose requests were lost hangs.
 			timeout: 5 * time.Minute,
 			onLine: func(line string) {
 				if line == "E2E restart-running" {
@@ -62,13 +89,13 @@ func testBackendRestart(t *testing.T, q *qemuBinary) {
 	resumed := func() int {
 		n := 0
 		for _, d := range daemons[1:] {
-			if d.countLogs("resuming the queue from the inflight buffer") > 0 {
+			if d.countLogs(resumeMsg) > 0 {
 				n++
 			}
 		}
 		return n
 	}
-	deadline := time.Now().Add(75 * time.Second)
+	deadline := time.Now().Add(time.Duration(run.seconds-15) * time.Second)
 	kills := 0
 	for i := 0; i < maxKills && time.Now().Before(deadline) && (i < minKills || resumed() < wantResumed); i++ {
 		kills++
@@ -83,7 +110,7 @@ func testBackendRestart(t *testing.T, q *qemuBinary) {
 		t.Logf("kill %d: QEMU reconnected to the new vublk", i+1)
 	}
 	v := <-result
-	v.expectChecks(t, "restart", []string{"size", "restart_dd", "restart_fio", "restart_io_errors"})
+	v.expectChecks(t, "restart", checks)
 
 	t.Logf("vublk killed with SIGKILL and restarted %d times; %d restarts resubmitted requests in flight", kills, resumed())
 	if kills < minKills {

@@ -81,6 +81,9 @@ func (q *Queue) SubmitBatch(reqs []SlotRequest) error {
 			return fmt.Errorf("%w: request %d: %d bytes out and %d in, in a slot of %d", ErrTooLarge, i, len(r.Out), r.InLen, r.Slot.cap)
 		}
 	}
+	if q.pk != nil {
+		return q.submitBatchPacked(reqs)
+	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	old := q.availIdx
@@ -109,6 +112,30 @@ func (q *Queue) SubmitBatch(reqs []SlotRequest) error {
 // putSlotLocked writes r into its slot and n free descriptors and puts it
 // on the available ring, without publishing the ring index.
 func (q *Queue) putSlotLocked(r *SlotRequest, n int) {
+	chain, p := q.slotChainLocked(r)
+	ids := q.freeDesc[len(q.freeDesc)-n:]
+	p.descs = append(make([]uint16, 0, n), ids...)
+	q.freeDesc = q.freeDesc[:len(q.freeDesc)-n]
+	for i, c := range chain {
+		flags, next := c.Flags, uint16(0)
+		if i+1 < n {
+			flags, next = flags|virtio.DescFNext, p.descs[i+1]
+		}
+		putDesc(q.desc[descSize*int(p.descs[i]):], c.Addr, c.Len, flags, next)
+	}
+	head := p.descs[0]
+	q.inflight[head] = p
+	binary.LittleEndian.PutUint16(q.avail[4+2*int(q.availIdx%q.size):], head)
+	q.availIdx++
+}
+
+// slotChainLocked writes r into its slot and returns its chain (2 or 3 descriptors: header,
+// data if any, status) and its Pending.
+func (q *Queue) slotChainLocked(r *SlotRequest) ([]Desc, *Pending) {
+	n := 2
+	if len(r.Out) > 0 || r.InLen > 0 {
+		n = 3
+	}
 	s := r.Slot
 	d := s.buf.Data
 	binary.LittleEndian.PutUint32(d[0:], r.Type)
@@ -132,20 +159,7 @@ func (q *Queue) putSlotLocked(r *SlotRequest, n int) {
 	// the read data stays in the slot (inLen stays zero).
 	p := &Pending{q: q, statusGPA: gpa + uint64(statusOff), hasStatus: true, onComplete: r.OnComplete,
 		done: make(chan struct{})}
-	ids := q.freeDesc[len(q.freeDesc)-n:]
-	p.descs = append(make([]uint16, 0, n), ids...)
-	q.freeDesc = q.freeDesc[:len(q.freeDesc)-n]
-	for i, c := range chain[:n] {
-		flags, next := c.Flags, uint16(0)
-		if i+1 < n {
-			flags, next = flags|virtio.DescFNext, p.descs[i+1]
-		}
-		putDesc(q.desc[descSize*int(p.descs[i]):], c.Addr, c.Len, flags, next)
-	}
-	head := p.descs[0]
-	q.inflight[head] = p
-	binary.LittleEndian.PutUint16(q.avail[4+2*int(q.availIdx%q.size):], head)
-	q.availIdx++
+	return chain[:n], p
 }
 
 // announceLocked publishes the available index and kicks the back-end if

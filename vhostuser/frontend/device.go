@@ -50,6 +50,9 @@ type Options struct {
 	// Log negotiates VHOST_USER_PROTOCOL_F_LOG_SHMFD if offered, for
 	// StartLogging (dirty page logging during a migration).
 	Log bool
+	// Packed negotiates VIRTIO_F_RING_PACKED if the back-end offers it: every queue is then a
+	// packed ring.
+	Packed bool
 	// InflightQueueSize is the queue size asked for in GET_INFLIGHT_FD
 	// (default QueueSize). QEMU 10 asks for its queue-size and then runs
 	// the firmware's rings with more entries than that.
@@ -158,6 +161,9 @@ func (d *Device) setup(opt Options) error {
 	if opt.Indirect {
 		want |= 1 << virtio.FRingIndirectDesc
 	}
+	if opt.Packed {
+		want |= 1 << virtio.FRingPacked
+	}
 	d.features = offered & want &^ (opt.DropFeatures &^ (1 << vhostuser.FProtocolFeatures))
 	if opt.NumQueues > 1 && d.features&(1<<virtio.BlkFMQ) == 0 {
 		return fmt.Errorf("%w: %d queues without VIRTIO_BLK_F_MQ", ErrNotOffered, opt.NumQueues)
@@ -183,8 +189,9 @@ func (d *Device) setup(opt Options) error {
 	}
 	eventIdx := d.features&(1<<virtio.FRingEventIdx) != 0
 	indirect := d.features&(1<<virtio.FRingIndirectDesc) != 0
+	packed := d.features&(1<<virtio.FRingPacked) != 0
 	for i := range opt.NumQueues {
-		q, err := newQueue(d.mem, i, opt.QueueSize, eventIdx, indirect)
+		q, err := newQueue(d.mem, i, opt.QueueSize, eventIdx, indirect, packed)
 		if err != nil {
 			return err
 		}
@@ -224,7 +231,7 @@ func (d *Device) startQueue(q *Queue) error {
 	idx := uint32(q.index)
 	for _, step := range []func() error{
 		func() error { return d.conn.SetVringNum(idx, uint32(q.size)) },
-		func() error { return d.conn.SetVringBase(idx, uint32(q.base)) },
+		func() error { return d.conn.SetVringBase(idx, q.base) },
 		func() error { return d.conn.SetVringAddr(d.vringAddr(q)) },
 		func() error { return d.conn.SetVringCall(idx, call) },
 		func() error { return d.conn.SetVringErr(idx, errf) },
@@ -292,7 +299,7 @@ func (d *Device) SetWriteback(on bool) error {
 }
 
 // StopQueue stops queue i with GET_VRING_BASE and returns the back-end's
-// next available index. Every request the back-end had popped has
+// next available index (of a packed ring: its position, with the wrap counter in bit 15). Every request the back-end had popped has
 // completed when it returns; requests it had not popped stay pending until
 // StartQueue.
 func (d *Device) StopQueue(i int) (uint16, error) {
@@ -307,9 +314,13 @@ func (d *Device) StopQueue(i int) (uint16, error) {
 	if err != nil {
 		return 0, err
 	}
-	q.base = uint16(base)
-	return q.base, nil
+	q.base = base
+	return uint16(base), nil
 }
+
+// VringBase is the base the back-end last returned for the queue in GET_VRING_BASE, all 32
+// bits (a packed ring's positions and wrap counters), or the one it starts from.
+func (q *Queue) VringBase() uint32 { return q.base }
 
 // StartQueue restarts queue i after StopQueue, from the index the back-end
 // returned, with new eventfds, as QEMU does when a stopped VM continues.

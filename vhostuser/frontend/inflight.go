@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/vublk/vublk/vhostuser"
+	"github.com/vublk/vublk/virtio"
 )
 
 // Inflight I/O tracking as QEMU does it for vhost-user-blk
@@ -184,9 +185,13 @@ func (d *Device) InflightPending(i int) int {
 	per := b.desc.MmapSize / uint64(b.desc.NumQueues)
 	region := b.data[b.desc.MmapOffset+uint64(i)*per:][:per]
 	n := 0
-	states := min(int(binary.LittleEndian.Uint16(region[10:])), (len(region)-16)/16)
+	hdr, state := 16, 16
+	if d.features&(1<<virtio.FRingPacked) != 0 { // the packed layout: chains, by their head state
+		hdr, state = 32, 32
+	}
+	states := min(int(binary.LittleEndian.Uint16(region[10:])), (len(region)-hdr)/state)
 	for j := range states {
-		if region[16+16*j] != 0 { // after the 16-byte header, each state's first byte
+		if region[hdr+state*j] != 0 { // after the header, each state's first byte
 			n++
 		}
 	}
@@ -264,7 +269,10 @@ func (d *Device) Reconnect(path string) error {
 		return err
 	}
 	for _, q := range d.queues {
-		q.base = q.lastUsed
+		q.base = uint32(q.lastUsed)
+		if q.pk != nil {
+			q.base = q.packedBase()
+		}
 		if err := d.startQueue(q); err != nil {
 			return err
 		}
@@ -278,8 +286,8 @@ func (d *Device) Reconnect(path string) error {
 // index is the last one seen.
 func (q *Queue) Indices() (avail, used uint16) {
 	q.mu.Lock()
-	defer q.mu.Unlock() // Close unmaps the rings only after marking the queue closed under it
-	if q.closed {
+	defer q.mu.Unlock()          // Close unmaps the rings only after marking the queue closed under it
+	if q.closed || q.pk != nil { // a packed ring's counts are the queue's own
 		return q.availIdx, q.lastUsed
 	}
 	return q.availIdx, load16(q.used, 2)

@@ -117,7 +117,8 @@ type Queue struct {
 	desc     []byte
 	avail    []byte
 	used     []byte
-	base     uint16 // the back-end's next available index when (re)started
+	base     uint32       // where the back-end goes on when (re)started (SET_VRING_BASE)
+	pk       *packedState // nil: a split ring
 
 	mu       sync.Mutex
 	space    *sync.Cond // broadcast when descriptors are freed or the queue closes
@@ -150,11 +151,14 @@ func ringLayout(size int) (availOff, usedOff, total int) {
 	return availOff, usedOff, total
 }
 
-func newQueue(mem *Memory, index, size int, eventIdx, indirect bool) (*Queue, error) {
-	if size <= 0 || size > virtio.MaxQueueSize || size&(size-1) != 0 {
+func newQueue(mem *Memory, index, size int, eventIdx, indirect, packed bool) (*Queue, error) {
+	if size <= 0 || size > virtio.MaxQueueSize || (!packed && size&(size-1) != 0) {
 		return nil, fmt.Errorf("queue size %d is not a power of two in 1..%d", size, virtio.MaxQueueSize)
 	}
 	availOff, usedOff, total := ringLayout(size)
+	if packed {
+		_, _, total = packedLayout(size)
+	}
 	rings, err := mem.Alloc(uint64(total), 4096)
 	if err != nil {
 		return nil, fmt.Errorf("queue %d rings: %w", index, err)
@@ -162,13 +166,17 @@ func newQueue(mem *Memory, index, size int, eventIdx, indirect bool) (*Queue, er
 	clear(rings.Data)
 	q := &Queue{
 		index: index, size: uint16(size), mem: mem, eventIdx: eventIdx, indirect: indirect, rings: rings,
-		desc:     rings.Data[:availOff],
-		avail:    rings.Data[availOff : availOff+6+2*size],
-		used:     rings.Data[usedOff : usedOff+6+8*size],
+		desc:     rings.Data[:descSize*size],
 		inflight: make([]*Pending, size),
 		failed:   make(chan struct{}),
 	}
 	q.space = sync.NewCond(&q.mu)
+	if packed {
+		q.initPacked()
+		return q, nil
+	}
+	q.avail = rings.Data[availOff : availOff+6+2*size]
+	q.used = rings.Data[usedOff : usedOff+6+8*size]
 	for i := size - 1; i >= 0; i-- {
 		q.freeDesc = append(q.freeDesc, uint16(i))
 	}
@@ -206,6 +214,9 @@ func (q *Queue) fail(err error) {
 // virtual address space as QEMU gives them.
 func (q *Queue) addrs() vhostuser.VringAddr {
 	availOff, usedOff, _ := ringLayout(int(q.size))
+	if q.pk != nil { // the driver and device areas
+		availOff, usedOff, _ = packedLayout(int(q.size))
+	}
 	ua := func(off int) uint64 { return q.mem.UserAddr(q.rings.GPA + uint64(off)) }
 	return vhostuser.VringAddr{Index: uint32(q.index), Desc: ua(0), Avail: ua(availOff), Used: ua(usedOff)}
 }
@@ -263,7 +274,13 @@ func (q *Queue) Submit(r Request) (*Pending, error) {
 	if q.indirect {
 		for i, c := range chain {
 			flags, next := c.Flags, uint16(0)
-			if i+1 < len(chain) {
+			switch {
+			case q.pk != nil: // packed: flags at 14, entries taken in order (virtio 1.2, 2.8.7)
+				binary.LittleEndian.PutUint64(d[descSize*i:], c.Addr)
+				binary.LittleEndian.PutUint32(d[descSize*i+8:], c.Len)
+				binary.LittleEndian.PutUint16(d[descSize*i+14:], flags)
+				continue
+			case i+1 < len(chain):
 				flags, next = flags|virtio.DescFNext, uint16(i+1)
 			}
 			putDesc(d[descSize*i:], c.Addr, c.Len, flags, next)
@@ -312,6 +329,9 @@ func (q *Queue) publishLocked(chain []Desc, p *Pending) error {
 	n := len(chain)
 	if n == 0 || n > int(q.size) {
 		return fmt.Errorf("%w: chain of %d descriptors in a queue of %d", ErrTooLarge, n, q.size)
+	}
+	if q.pk != nil {
+		return q.publishPackedLocked(chain, p)
 	}
 	for len(q.freeDesc) < n && !q.closed {
 		q.space.Wait()
@@ -428,6 +448,10 @@ func (q *Queue) watchErr(errf *os.File, done chan struct{}) {
 // With VIRTIO_F_EVENT_IDX it then asks for an interrupt at the next used
 // entry and looks again, so no completion is missed.
 func (q *Queue) collect() {
+	if q.pk != nil {
+		q.collectPacked()
+		return
+	}
 	for {
 		usedIdx := load16(q.used, 2)
 		if usedIdx-q.lastUsed > q.size {
@@ -462,7 +486,11 @@ func (q *Queue) complete(id, used uint32) {
 		q.fail(fmt.Errorf("%w: queue %d: used element for descriptor %d, which is not in flight", ErrQueueFailed, q.index, id))
 		return
 	}
-	q.freeDesc = append(q.freeDesc, p.descs...)
+	if q.pk != nil {
+		q.releasePackedLocked(uint16(id))
+	} else {
+		q.freeDesc = append(q.freeDesc, p.descs...)
+	}
 	q.space.Broadcast()
 	q.mu.Unlock()
 	p.finish(used, nil)

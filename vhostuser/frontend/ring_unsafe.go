@@ -48,3 +48,15 @@ func store16(b []byte, off int, v uint16) {
 // addrOf is the virtual address of b's memory in this process: the
 // userspace address the back-end is told for guest memory.
 func addrOf(b []byte) uint64 { return uint64(uintptr(unsafe.Pointer(unsafe.SliceData(b)))) }
+
+// load32 and store32 atomically read and write the aligned little-endian uint32 at b[off:]: a
+// packed descriptor's id and flags, which must change together.
+func load32(b []byte, off int) uint32 {
+	_ = b[off+3]
+	return atomic.LoadUint32((*uint32)(unsafe.Add(unsafe.Pointer(unsafe.SliceData(b)), off)))
+}
+
+func store32(b []byte, off int, v uint32) {
+	_ = b[off+3]
+	atomic.StoreUint32((*uint32)(unsafe.Add(unsafe.Pointer(unsafe.SliceData(b)), off)), v)
+}
