@@ -270,7 +270,13 @@ func (d *BlkDevice) ProcessQueue(q *Queue) (err error) {
 		q.Ring.DisableNotify()
 		for {
 			if requests >= turnRequests || descs >= turnDescs {
-				return nil // the turn is over; Pending stays true
+				if q.Ring.Pending() {
+					return nil // the turn is over; Pending stays true
+				}
+				// The ring ran empty just as the turn ended: kicks go on
+				// again below, or the driver's next request would find
+				// them off and no one would pop it.
+				break
 			}
 			head, ok, err := q.Ring.Next()
 			if err != nil {
@@ -286,6 +292,9 @@ func (d *BlkDevice) ProcessQueue(q *Queue) (err error) {
 				return err
 			}
 		}
+		// The interrupt first: a driver that submits again at once finds
+		// kicks still off if the caller polls the ring next (Poll).
+		q.sendDueNotify()
 		if !q.Ring.EnableNotify() {
 			return nil
 		}
