@@ -11,6 +11,7 @@
 #   vublk       vublk serve (the lane engine)
 #   vublk-uring vublk serve --io-engine uring
 #   vublk-direct vublk serve --direct (O_DIRECT: tmpfs takes it from Linux 6.6)
+#   vublk-poll  vublk serve --poll-max 32us (polls the ring for up to 32 us before waiting for a kick)
 #   qsd         the host's qemu-storage-daemon (7.2 on Debian 12)
 #
 # Two clients drive each server, neither of them a guest:
@@ -113,8 +114,9 @@ start_server() {
   vublk) exec "${vublk[@]}" ;;
   vublk-uring) exec "${vublk[@]}" --io-engine uring ;;
   vublk-direct) exec "${vublk[@]}" --direct ;;
+  vublk-poll) exec "${vublk[@]}" --poll-max 32us ;;
   *)
-    echo "bench: unknown server $1 (SERVERS: qsd10, qsd10-iot, vublk, vublk-uring, vublk-direct, qsd)" >&2
+    echo "bench: unknown server $1 (SERVERS: qsd10, qsd10-iot, vublk, vublk-uring, vublk-direct, vublk-poll, qsd)" >&2
     exit 2
     ;;
   esac >"$dir/$1.log" 2>&1 &

@@ -38,6 +38,7 @@ type exportOptions struct {
 	readOnly  bool
 	writeback bool
 	store     backend.Store // default: a FileStore in a temporary directory
+	pollMax   time.Duration // > 0: the ring is polled for up to this long (SetPollMax)
 }
 
 type export struct {
@@ -83,6 +84,9 @@ func newExport(t *testing.T, o exportOptions) *export {
 		t.Fatal(err)
 	}
 	srv := vhostuser.NewServer(dev, diskQueues, entry)
+	if o.pollMax > 0 {
+		srv.SetPollMax(o.pollMax)
+	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	t.Cleanup(func() {
