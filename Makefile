@@ -101,9 +101,11 @@ rbd: $(GOTESTSUM)
 	bash scripts/ceph-cluster.sh run $(GOTESTSUM) --format testname --hide-summary=skipped -- \
 	  -tags rbd,e2e -p 1 -count=1 -timeout 40m -run 'RBD|^TestStore|^TestOpen|^TestParseSpec' ./backend/rbd/ ./tests/crash/ ./tests/e2e/
 
-# vublk and qemu-storage-daemon side by side on a tmpfs file, 3 rounds of the same jobs, then the
-# in-guest comparison (bench-guest) (runs make deps first; about 10 minutes). ROUNDS, RUNTIME and RAMP
-# override scripts/bench.sh's defaults; ROUNDS and GUEST_SECONDS bench-guest's.
+# vublk and qemu-storage-daemon 10.0 (two configurations) side by side on a tmpfs file, driven by
+# vublk bench and by libblkio's qemu-img bench, 3 rounds, with fio psync's CPU per I/O as the floor;
+# then the in-guest comparison (bench-guest) (runs make deps first; about 20 minutes). ROUNDS,
+# RUNTIME, RAMP, BLKIO_SECONDS and SERVERS override scripts/bench.sh's defaults; ROUNDS and
+# GUEST_SECONDS bench-guest's.
 bench: deps build
 	bash scripts/bench.sh
 	$(MAKE) --no-print-directory bench-rbd

@@ -47,19 +47,28 @@ func (g *inlineGate) observe(d time.Duration) {
 func (e *Engine) SetInlineLimit(d time.Duration) { e.inline.limit.Store(int64(max(d, 0))) }
 
 // SubmitIdle is Submit for a caller that has nothing else to do until r
-// completes (its queue has no other request in flight, and none waiting).
-// While the store has recently been fast, a read or write runs on the
-// calling goroutine, as a lane would run it, and is completed before
-// SubmitIdle returns: at queue depth 1 a lane only adds a goroutine wake-up
-// (and the Go scheduler's spinning) to every request. A slow store (a disk,
-// a network file system) sends requests to the lanes again, so that the
-// caller can go on popping; only the request that turned the store slow may
-// have held the caller. With io_uring, r goes to the ring, where a request
-// that completes at once is completed by the caller too; with an AsyncIO
-// store (RBD), r is started there. It reports whether r ran inline.
+// completes (its queue has no other request in flight, and none waiting):
+// RunInline if it can, else Submit. It reports whether r ran inline.
 func (e *Engine) SubmitIdle(r *Request) (inline bool) {
+	if e.RunInline(r) {
+		return true
+	}
+	e.Submit(r)
+	return false
+}
+
+// RunInline runs r on the calling goroutine, as a lane would run it, and
+// completes it before returning true, if the store has recently been fast
+// (the inline gate: page cache and tmpfs speed, where handing a request to a
+// lane costs a goroutine wake-up and the Go scheduler's spinning, more than
+// the request itself). Otherwise, and for anything but a read or a write,
+// with io_uring, an AsyncIO store (RBD) or I/O limits, it returns false and
+// r is untouched: the caller submits it. A slow store (a disk, a network
+// file system) closes the gate, so that requests go to the lanes again and
+// the caller can go on popping; only the request that turned the store slow
+// may have held the caller.
+func (e *Engine) RunInline(r *Request) bool {
 	if e.uring != nil || e.async != nil || (r.Op != OpRead && r.Op != OpWrite) || !e.inline.open() || e.throttle.Load() != nil {
-		e.Submit(r)
 		return false
 	}
 	r.start = 0

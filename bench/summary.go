@@ -44,7 +44,11 @@ type Summary struct {
 // JobSummary is one job's medians for each back-end.
 type JobSummary struct {
 	Name string
-	By   map[string]Medians
+	// RW, BlockSize and FlushEvery are the job's, from its first run.
+	RW         string
+	BlockSize  int
+	FlushEvery int
+	By         map[string]Medians
 }
 
 // Medians are the medians of one job's runs on one back-end, each metric
@@ -80,7 +84,8 @@ func Summarize(results []Result, base string) (*Summary, error) {
 		if !ok {
 			byLabel = map[string][]Result{}
 			runs[r.Job.Name] = byLabel
-			s.Jobs = append(s.Jobs, JobSummary{Name: r.Job.Name, By: map[string]Medians{}})
+			s.Jobs = append(s.Jobs, JobSummary{Name: r.Job.Name, RW: r.Job.RW, BlockSize: r.Job.BlockSize,
+				FlushEvery: r.Job.FlushEvery, By: map[string]Medians{}})
 		}
 		byLabel[label] = append(byLabel[label], r)
 	}

@@ -102,3 +102,55 @@ func TestSummarize(t *testing.T) {
 		t.Errorf("ReadResults of a bad line: %v", err)
 	}
 }
+
+func TestWriteComparison(t *testing.T) {
+	mk := func(label, job, rw string, bs, flush int, iops, cpu float64) Result {
+		return Result{Label: label, Job: JobReport{Name: job, RW: rw, BlockSize: bs, FlushEvery: flush}, IOPS: iops,
+			ServerCPU: &CPUResult{MicrosPerIO: cpu}}
+	}
+	results := []Result{
+		mk("floor", "floor-randread-4k", "randread", 4096, 0, 200000, 2),
+		mk("floor", "floor-randwrite-4k", "randwrite", 4096, 0, 200000, 2.5),
+		mk("qsd10", "randread-4k-qd32-q1", "randread", 4096, 0, 100000, 10),
+		mk("qsd10-iot", "randread-4k-qd32-q1", "randread", 4096, 0, 120000, 8),
+		mk("vublk", "randread-4k-qd32-q1", "randread", 4096, 0, 300000, 3),
+		mk("qsd10", "randwrite-4k-qd32-q1", "randwrite", 4096, 0, 110000, 10),
+		mk("qsd10-iot", "randwrite-4k-qd32-q1", "randwrite", 4096, 0, 90000, 8),
+		mk("vublk", "randwrite-4k-qd32-q1", "randwrite", 4096, 0, 220000, 4),
+		mk("vublk", "randwrite-4k-qd32-q1-flush32", "randwrite", 4096, 32, 198000, 4),
+		mk("vublk", "read-64k-qd8-q1", "read", 65536, 0, 40000, 12),
+	}
+	s, err := Summarize(results, "qsd10")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	s.WriteComparison(&out, Comparison{Subject: "vublk", Refs: []string{"qsd10", "qsd10-iot"}, Floor: "floor"})
+	text := out.String()
+	lines := map[string]string{}
+	for _, l := range strings.Split(text, "\n") {
+		if f := strings.Fields(l); len(f) > 0 {
+			lines[f[0]] = strings.Join(f, " ")
+		}
+	}
+	for job, want := range map[string]string{
+		// The better reference is the one with more IOPS, not less CPU.
+		"randread-4k-qd32-q1":  "randread-4k-qd32-q1 qsd10-iot 120000 300000 2.50 8.00 3.00 0.38 2.00 5.00 4.00 1.50",
+		"randwrite-4k-qd32-q1": "randwrite-4k-qd32-q1 qsd10 110000 220000 2.00 10.00 4.00 0.40 2.50 4.00 3.20 1.60",
+		// No reference ran it, and no floor of its size.
+		"read-64k-qd8-q1": "read-64k-qd8-q1 - - 40000 - - 12.00 - - - - -",
+	} {
+		if lines[job] != want {
+			t.Errorf("row %q, want %q\n%s", lines[job], want, text)
+		}
+	}
+	if _, ok := lines["floor-randread-4k"]; ok {
+		t.Errorf("the floor's jobs have rows:\n%s", text)
+	}
+	if !strings.Contains(text, "randwrite-4k-qd32-q1-flush32 against randwrite-4k-qd32-q1: vublk 10%") {
+		t.Errorf("no flush cost line:\n%s", text)
+	}
+	if strings.Contains(text, "NaN") || strings.Contains(text, "Inf") {
+		t.Errorf("comparison shows NaN or Inf:\n%s", text)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"slices"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
@@ -65,6 +66,8 @@ type conn struct {
 	logFd     eventNotifier // SET_LOG_FD; kept and closed, never signalled
 	// featuresAcked: SET_FEATURES came since the connection or the last reset.
 	featuresAcked bool
+	// pollMax bounds how long a ring polls after it ran empty (ringPoll).
+	pollMax time.Duration
 }
 
 func newConn(sock *net.UnixConn, dev Device, numQueues int, log *logrus.Entry) *conn {
@@ -522,6 +525,7 @@ func (c *conn) startRing(v *vring) error {
 func (c *conn) runRing(v *vring, q *virtio.Queue, kick *kickWaiter, done chan struct{}, resumed bool) {
 	defer close(done)
 	log := c.log.WithField("queue", v.index)
+	poll := ringPoll{max: c.pollMax}
 	// ready tells the kick waiter whether to skip waiting: a stop, or buffers
 	// made available before the wait began.
 	ready := func() bool {
@@ -541,6 +545,16 @@ func (c *conn) runRing(v *vring, q *virtio.Queue, kick *kickWaiter, done chan st
 				v.call.Notify()
 			}
 		}
+		// Poll for the driver's next request before sleeping (ringPoll).
+		var idle time.Duration
+		if poll.cur > 0 && v.enabled.Load() && !v.broken.Load() && !v.stopping.Load() {
+			t0 := time.Now()
+			if q.Poll(poll.cur, v.stopping.Load) {
+				continue
+			}
+			idle = time.Since(t0)
+		}
+		t0 := time.Now()
 		if err := kick.wait(ready); err != nil {
 			log.WithError(err).Error("kick descriptor failed; waiting for the ring to be stopped")
 			kick.waitPoke()
@@ -548,6 +562,7 @@ func (c *conn) runRing(v *vring, q *virtio.Queue, kick *kickWaiter, done chan st
 		if v.stopping.Load() {
 			return
 		}
+		poll.idled(idle + time.Since(t0))
 	}
 }
 

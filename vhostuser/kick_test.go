@@ -60,3 +60,54 @@ func TestNoKickIsLost(t *testing.T) {
 		})
 	}
 }
+
+// TestPollSkipsKicks drives one queue at depth 1 with the ring polled after
+// each completion: a request submitted while the back-end polls needs no
+// kick, so the driver must see kicks turned off then (NO_NOTIFY, or
+// avail_event held back with EVENT_IDX), and the back-end must still find
+// every request, also one made available just as a poll gives up and turns
+// kicks on again (a short poll time, and pauses around it, make that
+// common). With a long poll time nearly every request goes without a kick;
+// without polling most are kicked (those that come while the back-end still
+// pops the ring are not).
+func TestPollSkipsKicks(t *testing.T) {
+	const requests = 2000
+	for _, eventIdx := range []bool{true, false} {
+		for _, tt := range []struct {
+			name    string
+			pollMax time.Duration
+		}{{"long", 50 * time.Millisecond}, {"short", 20 * time.Microsecond}, {"off", -1}} {
+			t.Run(fmt.Sprintf("event_idx=%v/poll=%s", eventIdx, tt.name), func(t *testing.T) {
+				e := newExport(t, exportOptions{writeback: true, pollMax: tt.pollMax})
+				d := connect(t, e, frontend.Options{NumQueues: 1, QueueSize: 64, EventIdx: eventIdx})
+				q := d.Queue(0)
+				rng := rand.New(rand.NewPCG(3, uint64(tt.pollMax)))
+				for i := range requests {
+					p, err := q.Submit(frontend.ReadRequest(uint64(rng.IntN(diskSize/512-8)), 4096))
+					if err != nil {
+						t.Fatal(err)
+					}
+					select {
+					case <-p.Done():
+						if res := p.Wait(); res.Err != nil {
+							t.Fatalf("request %d: %v", i, res.Err)
+						}
+					case <-time.After(10 * time.Second):
+						t.Fatalf("request %d: no completion in 10 s: a kick was lost", i)
+					}
+					// Mostly back to back; now and then a pause of up to 60 µs.
+					if rng.IntN(8) == 0 {
+						time.Sleep(time.Duration(rng.IntN(60)) * time.Microsecond)
+					}
+				}
+				kicks := q.Kicks()
+				switch {
+				case tt.pollMax > time.Millisecond && kicks > requests/4:
+					t.Errorf("%d kicks for %d requests while the ring was polled: kicks were not turned off", kicks, requests)
+				case tt.pollMax < 0 && kicks < requests/2:
+					t.Errorf("%d kicks for %d requests without polling", kicks, requests)
+				}
+			})
+		}
+	}
+}

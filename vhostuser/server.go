@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -69,12 +70,19 @@ type Server struct {
 	closed bool
 	done   chan struct{}
 	conns  int
+
+	pollMax atomic.Int64 // ns, for the next connection (SetPollMax)
 }
 
 // NewServer returns a server for dev with numQueues virtqueues.
 func NewServer(dev Device, numQueues int, log *logrus.Entry) *Server {
 	return &Server{dev: dev, numQueues: numQueues, log: log, done: make(chan struct{})}
 }
+
+// SetPollMax sets how long, at most, a ring's goroutine polls the available
+// ring after its queue ran empty, before it waits for a kick (0, the
+// default: it never polls). It applies to the next connection.
+func (s *Server) SetPollMax(d time.Duration) { s.pollMax.Store(int64(max(d, 0))) }
 
 // Serve accepts front-ends on ln until Close. It returns nil after Close.
 func (s *Server) Serve(ln *net.UnixListener) error {
@@ -114,6 +122,7 @@ func (s *Server) Serve(ln *net.UnixListener) error {
 		log := s.log.WithField("conn", id)
 		log.Info("front-end connected")
 		c := newConn(sock, s.dev, s.numQueues, log)
+		c.pollMax = time.Duration(s.pollMax.Load())
 		s.mu.Lock()
 		s.cc = c
 		s.mu.Unlock()

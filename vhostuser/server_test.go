@@ -39,6 +39,7 @@ type exportOptions struct {
 	writeback bool
 	store     backend.Store // default: a FileStore in a temporary directory
 	packed    bool          // offer VIRTIO_F_RING_PACKED
+	pollMax   time.Duration // > 0: the ring is polled for up to this long (SetPollMax)
 }
 
 type export struct {
@@ -84,6 +85,9 @@ func newExport(t *testing.T, o exportOptions) *export {
 		t.Fatal(err)
 	}
 	srv := vhostuser.NewServer(dev, diskQueues, entry)
+	if o.pollMax > 0 {
+		srv.SetPollMax(o.pollMax)
+	}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	t.Cleanup(func() {

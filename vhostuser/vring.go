@@ -198,3 +198,39 @@ func (v *vring) closeKick() {
 		v.kick = -1
 	}
 }
+
+// ringPoll decides how long a ring's goroutine polls the available ring
+// after its queue ran empty, before it waits for a kick (virtio.Queue.Poll).
+// It tunes itself as QEMU's event loop does (util/aio-posix.c): a wait that
+// ended sooner than the maximum says the driver comes back quickly, and the
+// poll time grows (doubling, from pollStart); a wait longer than the
+// maximum halves it, down to no polling. A driver that submits again within
+// the poll time makes no kick and the device no wake-up; one that is idle
+// costs at most a few polls that time out.
+type ringPoll struct {
+	max time.Duration // 0: never poll
+	cur time.Duration
+}
+
+// pollStart is the first poll time once polling starts to pay.
+const pollStart = 2 * time.Microsecond
+
+// SuggestedPollMax is a poll time to start from (QEMU's iothreads poll for
+// up to 32 µs). Polling is off unless asked for (Server.SetPollMax): on a
+// machine whose cores the driver needs too, the spinning took CPU from it
+// and cost more than the wake-ups it saved (README, "Performance").
+const SuggestedPollMax = 32 * time.Microsecond
+
+// idled adapts the poll time to how long the queue stayed empty: the poll
+// that timed out plus the wait for the kick.
+func (p *ringPoll) idled(d time.Duration) {
+	switch {
+	case p.max <= 0:
+	case d > p.max:
+		if p.cur /= 2; p.cur < pollStart {
+			p.cur = 0
+		}
+	case d > p.cur:
+		p.cur = min(p.max, max(pollStart, 2*p.cur))
+	}
+}

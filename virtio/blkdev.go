@@ -6,6 +6,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -32,6 +33,21 @@ type Queue struct {
 	inflight sync.WaitGroup // popped and not yet pushed to the used ring
 	active   atomic.Int32   // the same count, readable: see submit
 	chain    DescChain      // scratch for the popping goroutine
+	// notifyDue: a request the popping goroutine completed itself (run
+	// inline) needs an interrupt, which is sent once, at the end of its
+	// turn (or before a flush waits): one call for a batch of completions.
+	// Only the popping goroutine touches it.
+	notifyDue bool
+}
+
+// sendDueNotify sends the interrupt that inline completions asked for.
+func (q *Queue) sendDueNotify() {
+	if q.notifyDue {
+		q.notifyDue = false
+		if q.Notify != nil {
+			q.Notify.Notify()
+		}
+	}
 }
 
 // Drain waits until every request popped from q has been completed. Call it
@@ -50,6 +66,38 @@ func (q *Queue) Pending() (pending bool) {
 	}()
 	defer catchFault(debug.SetPanicOnFault(true), &err)
 	return q.Ring.Pending()
+}
+
+// Poll watches q's available ring for up to d, with the driver's kicks
+// turned off (VRING_USED_F_NO_NOTIFY, or avail_event held back with
+// EVENT_IDX), so that a driver submitting again soon after a completion
+// makes no system call, and neither does the device. It returns true as soon
+// as buffers are available, notifications still off: the caller processes
+// the queue (ProcessQueue turns them on again when the ring is empty). After
+// d, or once stop reports true, notifications are turned on again and it
+// returns whether buffers came meanwhile. Only the popping goroutine may call
+// it. A fault on guest memory returns true too: ProcessQueue then finds it.
+func (q *Queue) Poll(d time.Duration, stop func() bool) (found bool) {
+	var err error
+	defer func() {
+		if err != nil {
+			found = true
+		}
+	}()
+	defer catchFault(debug.SetPanicOnFault(true), &err)
+	q.Ring.DisableNotify()
+	end := time.Now().Add(d)
+	for i := 0; ; i++ {
+		if q.Ring.Pending() {
+			return true
+		}
+		// The clock and the stop flag are read every few checks only: a
+		// check of the ring is one load.
+		if i%16 == 15 && (stop() || time.Now().After(end)) {
+			break
+		}
+	}
+	return q.Ring.EnableNotify()
 }
 
 // BlkDevice is a virtio-blk device over a backend engine. One BlkDevice serves
@@ -214,12 +262,21 @@ var chainLimits = ChainLimits{MaxSegs: blkSegMax + 2, MaxSegLen: blkSizeMax}
 // touched again.
 func (d *BlkDevice) ProcessQueue(q *Queue) (err error) {
 	defer catchFault(debug.SetPanicOnFault(true), &err)
+	// The completions of this turn's inline requests are on the used ring
+	// already; their interrupt goes before the goroutine waits again.
+	defer q.sendDueNotify()
 	requests, descs := 0, 0
 	for {
 		q.Ring.DisableNotify()
 		for {
 			if requests >= turnRequests || descs >= turnDescs {
-				return nil // the turn is over; Pending stays true
+				if q.Ring.Pending() {
+					return nil // the turn is over; Pending stays true
+				}
+				// The ring ran empty just as the turn ended: kicks go on
+				// again below, or the driver's next request would find
+				// them off and no one would pop it.
+				break
 			}
 			head, ok, err := q.Ring.Next()
 			if err != nil {
@@ -235,6 +292,9 @@ func (d *BlkDevice) ProcessQueue(q *Queue) (err error) {
 				return err
 			}
 		}
+		// The interrupt first: a driver that submits again at once finds
+		// kicks still off if the caller polls the ring next (Poll).
+		q.sendDueNotify()
 		if !q.Ring.EnableNotify() {
 			return nil
 		}
@@ -251,6 +311,9 @@ type blkReq struct {
 	io      backend.Request
 	written uint32 // bytes of In to report on success
 	segs    []DiscardSegment
+	// inline: the queue's goroutine runs r itself (RunInline), so that its
+	// interrupt can wait for the end of the turn (Queue.notifyDue).
+	inline bool
 }
 
 // start handles one popped chain and returns how many descriptors it
@@ -319,6 +382,8 @@ func (d *BlkDevice) dispatch(q *Queue, r *blkReq, over bool, overErr error) (err
 	case BlkTFlush:
 		// The flush runs on this queue's goroutine: later requests of this
 		// queue wait for it, and the barrier holds those of other queues.
+		// The driver hears of what completed before it first.
+		q.sendDueNotify()
 		err := d.engine.Flush()
 		if err != nil {
 			d.slog.Log(logrus.Fields{"queue": q.Index, "error": err.Error()}, "flush failed")
@@ -458,26 +523,31 @@ func (d *BlkDevice) finish(r *blkReq, status uint8) {
 	if err != nil {
 		d.log.WithError(err).WithField("queue", q.Index).Error("cannot complete a request: the front-end's memory is gone")
 	}
-	if notify && q.Notify != nil {
+	switch {
+	case notify && r.inline:
+		q.notifyDue = true // sent at the end of the turn (ProcessQueue)
+	case notify && q.Notify != nil:
 		q.Notify.Notify()
 	}
-	r.q = nil
+	r.q, r.inline = nil, false
 	r.io = backend.Request{}
 	d.pool.Put(r)
 	q.active.Add(-1)
 	q.inflight.Done()
 }
 
-// submit hands r.io to the engine. When r is the only request of its queue
-// in flight and the ring holds no other, the queue's goroutine has nothing
-// else to do, and the engine may run r on it (SubmitIdle: while the store is
-// fast, that saves a lane's wake-up per request at queue depth 1).
-// Otherwise the lanes run requests in parallel.
+// submit hands r.io to the engine. While the store is fast, the queue's
+// goroutine runs it itself (RunInline): handing a page-cache read to a lane
+// costs more CPU than the read (a goroutine wake-up, the scheduler's
+// spinning), and the completions of a turn share one interrupt. When the
+// store is slow, the lanes run requests in parallel, and the queue's
+// goroutine goes on popping.
 func (d *BlkDevice) submit(r *blkReq) {
-	if r.q.active.Load() == 1 && !r.q.Ring.Pending() {
-		d.engine.SubmitIdle(&r.io)
-		return
+	r.inline = true
+	if d.engine.RunInline(&r.io) {
+		return // r is finished, and back in the pool
 	}
+	r.inline = false
 	d.engine.Submit(&r.io)
 }
 

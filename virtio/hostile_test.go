@@ -2,6 +2,7 @@ package virtio
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"testing"
 
@@ -63,6 +64,32 @@ func TestProcessQueueTurn(t *testing.T) {
 			h.check(used, s, BlkSOK, BlkIDBytes+1)
 		}
 	})
+	// A turn that ends just as the ring runs empty turns kicks on again:
+	// with none pending, the ring's goroutine waits for a kick.
+	for _, eventIdx := range []bool{false, true} {
+		t.Run(fmt.Sprintf("exactly one turn, event_idx=%v", eventIdx), func(t *testing.T) {
+			h := newBlkHarnessSize(t, 1024)
+			if eventIdx {
+				h.r = newTestRing(t, 1024, true)
+				h.q = &Queue{Index: 0, Ring: h.r.q, Mem: h.r.mem, Notify: h.notify}
+			}
+			for range turnRequests {
+				h.send(BlkTGetID, 0, nil, BlkIDBytes)
+			}
+			h.turn()
+			q := h.r.q
+			if got := int(q.UsedIdx()); got != turnRequests || h.q.Pending() {
+				t.Fatalf("%d of %d requests completed, Pending %v", got, turnRequests, h.q.Pending())
+			}
+			if eventIdx {
+				if ev := load16(q.used, 4+8*int(q.size)); ev != q.lastAvail {
+					t.Fatalf("avail_event %d with the ring empty at %d: the driver's next request is not kicked", ev, q.lastAvail)
+				}
+			} else if load16(q.used, 0)&usedFNoNotify != 0 {
+				t.Fatal("VRING_USED_F_NO_NOTIFY still set with the ring empty: the driver's next request is not kicked")
+			}
+		})
+	}
 	t.Run("descriptors", func(t *testing.T) {
 		// Chains of 1024 descriptors (beyond seg_max: IOERR, but each
 		// walked to its end): a turn stops after turnDescs of them.

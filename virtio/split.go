@@ -339,10 +339,16 @@ func needEvent(event, now, old uint16) bool {
 	return now-event-1 < now-old
 }
 
-// DisableNotify asks the driver not to kick while we are popping.
+// DisableNotify asks the driver not to kick while we are popping (or
+// polling the ring).
 func (q *SplitQueue) DisableNotify() {
 	if q.eventIdx {
-		return // avail_event is simply not advanced while popping
+		// avail_event one behind the next entry to pop: the driver's next
+		// additions do not cross it (virtio 1.2 2.7.10), so it does not
+		// kick, however long the device polls. EnableNotify moves it up.
+		store16(q.used, 4+8*int(q.size), q.lastAvail-1)
+		q.logUsedWrite(4+8*int(q.size), 2)
+		return
 	}
 	if q.usedFlags&usedFNoNotify == 0 {
 		q.usedFlags |= usedFNoNotify

@@ -10,7 +10,9 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -19,7 +21,7 @@ import (
 )
 
 const benchUsage = "usage: vublk bench --socket PATH [--rw MODE] [--bs N] [--iodepth N] [--queues N] [--runtime D] " +
-	"[--flush-every N] [--verify] [--size N] [--server-pid PID] [--json]  |  vublk bench summary [--base LABEL] FILE..."
+	"[--flush-every N] [--verify] [--size N] [--server-pid PID] [--json]  |  vublk bench summary [--base LABEL] [--refs L1,L2 [--subject L] [--floor L]] FILE..."
 
 // bench runs a load against a vhost-user-blk back-end (any, not only
 // vublk), as a front-end: see package github.com/vublk/vublk/bench,
@@ -156,6 +158,9 @@ func parseSeconds(s string) (time.Duration, error) {
 func benchSummary(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("vublk bench summary", flag.ContinueOnError)
 	base := fs.String("base", "qsd", "label of the back-end the others are compared with (ratio = other/base)")
+	subject := fs.String("subject", "vublk", "with --refs: the label compared with the better reference")
+	refs := fs.String("refs", "", "comma-separated reference labels: adds a table of --subject against the better of them per job")
+	floor := fs.String("floor", "floor", "with --refs: the label of the floor runs (CPU per I/O of plain pread/pwrite)")
 	if code, ok := parseFlags(fs, args, stdout, stderr); !ok {
 		return code
 	}
@@ -178,11 +183,25 @@ func benchSummary(args []string, stdout, stderr io.Writer) int {
 		}
 		results = append(results, rs...)
 	}
-	s, err := loadgen.Summarize(results, *base)
+	// The floor runs have a table of their own, with --refs.
+	servers := results
+	if *refs != "" {
+		servers = slices.DeleteFunc(slices.Clone(results), func(r loadgen.Result) bool { return r.Label == *floor })
+	}
+	s, err := loadgen.Summarize(servers, *base)
 	if err != nil {
 		fmt.Fprintf(stderr, "vublk bench summary: %v\n", err)
 		return 1
 	}
 	s.WriteText(stdout)
+	if *refs != "" {
+		all, err := loadgen.Summarize(results, *base)
+		if err != nil {
+			fmt.Fprintf(stderr, "vublk bench summary: %v\n", err)
+			return 1
+		}
+		fmt.Fprintln(stdout)
+		all.WriteComparison(stdout, loadgen.Comparison{Subject: *subject, Refs: strings.Split(*refs, ","), Floor: *floor})
+	}
 	return 0
 }

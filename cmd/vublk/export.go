@@ -27,8 +27,9 @@ type exportSpec struct {
 	readOnly   bool
 	numQueues  int
 	lanes      int
-	direct     bool   // open the file with O_DIRECT
-	ioEngine   string // config.IOEngineLanes or config.IOEngineURing
+	pollMax    time.Duration // how long a ring polls (vhostuser.Server.SetPollMax); 0: never
+	direct     bool          // open the file with O_DIRECT
+	ioEngine   string        // config.IOEngineLanes or config.IOEngineURing
 	serial     string
 	writeback  bool
 	blockSize  int
@@ -140,6 +141,9 @@ func startExport(spec exportSpec, logger *logrus.Logger) (*export, error) {
 		return nil, fmt.Errorf("export %s: %w", spec.name, err)
 	}
 	e.srv = vhostuser.NewServer(e.dev, spec.numQueues, e.log)
+	if spec.pollMax > 0 {
+		e.srv.SetPollMax(spec.pollMax)
+	}
 	go func() { e.served <- e.srv.Serve(ln) }()
 	mode := "writethrough"
 	if spec.writeback {

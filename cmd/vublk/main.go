@@ -100,6 +100,7 @@ type serveOptions struct {
 	readOnly    bool
 	numQueues   int
 	lanes       int
+	pollMax     time.Duration
 	direct      bool
 	ioEngine    string
 	serial      string
@@ -136,6 +137,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	fs.BoolVar(&o.readOnly, "read-only", false, "export read-only (the guest sees a read-only disk)")
 	fs.IntVar(&o.numQueues, "num-queues", 16, "most virtqueues a front-end may use (QEMU's num-queues must not exceed it)")
 	fs.IntVar(&o.lanes, "lanes", runtime.NumCPU(), "parallel I/O lanes (file workers)")
+	fs.DurationVar(&o.pollMax, "poll-max", 0, "poll a queue's ring for the next request for up to this long (self-tuning, e.g. 32us) before waiting for a kick; 0 never polls")
 	fs.BoolVar(&o.direct, "direct", false, "open --blk-file with O_DIRECT: bypass the host page cache")
 	fs.StringVar(&o.ioEngine, "io-engine", config.IOEngineLanes, "how reads and writes are issued: lanes (blocking workers) or uring (io_uring)")
 	fs.StringVar(&o.serial, "serial", "", "disk serial returned to the guest (at most 20 bytes; default: the file's base name)")
@@ -333,7 +335,7 @@ func runExport(o serveOptions, size int64, limits backend.Limits, logger *logrus
 	e, err := startExport(exportSpec{
 		name: o.name, socketPath: o.socketPath, fd: o.fd, file: o.blkFile, size: size, resize: o.resize,
 		readOnly: o.readOnly, numQueues: o.numQueues, lanes: o.lanes, direct: o.direct, ioEngine: o.ioEngine,
-		serial: o.serial, writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard, packed: o.packedRing,
+		pollMax: o.pollMax, serial: o.serial, writeback: o.writeCache == "writeback", blockSize: o.blockSize, discard: !o.noDiscard, packed: o.packedRing,
 		writeLog: o.writeLog, socketUID: -1, socketGID: -1, vduse: o.vduse, vduseBus: o.vduseBus,
 		rbd: o.blkRBD, cephConf: o.cephConf, cephUser: o.cephUser, cephKeyring: o.cephKeyring, rbdTimeout: o.rbdTimeout,
 		rbdCache: o.rbdCache,

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vublk/vublk/vhostuser"
 	"github.com/vublk/vublk/virtio"
@@ -127,6 +128,7 @@ type Queue struct {
 	availIdx uint16
 	kick     *os.File // nil while stopped
 	closed   bool
+	kicks    atomic.Uint64 // kicks written, for Kicks
 
 	// While running: the eventfds and the goroutines waiting on them.
 	// Completions are collected by the reaper only, or, once it has
@@ -356,10 +358,15 @@ func (q *Queue) publishLocked(chain []Desc, p *Pending) error {
 	q.availIdx++
 	store16(q.avail, 2, q.availIdx) // publishes the entry; a full barrier
 	if q.kick != nil && q.needKick(old, q.availIdx) {
+		q.kicks.Add(1)
 		q.kick.Write(eventOne)
 	}
 	return nil
 }
+
+// Kicks is how many times the queue has kicked the back-end: the back-end
+// asked not to be kicked for the other requests (it was popping or polling).
+func (q *Queue) Kicks() uint64 { return q.kicks.Load() }
 
 // needKick reports whether the back-end asked to be kicked for the entries
 // made available from old to now (virtio 1.2, 2.7.10).
