@@ -293,6 +293,8 @@ phase_bench() {
 	BENCH_SECONDS=$(param seconds)
 	BENCH_SECONDS=${BENCH_SECONDS:-10}
 	expect queues "$(ls /sys/block/vda/mq | wc -l)" 2
+	# Feature bit 34 (VIRTIO_F_RING_PACKED) is character 35: the ring the server is measured on.
+	expect ring_packed "$(cut -c35 /sys/block/vda/device/features)" "$(param packed)"
 	bench_job randread-4k-qd1 --rw=randread --bs=4k --iodepth=1
 	bench_job randread-4k-qd32-j2 --rw=randread --bs=4k --iodepth=32 --numjobs=2
 	bench_job randwrite-4k-qd32-j2 --rw=randwrite --bs=4k --iodepth=32 --numjobs=2

@@ -75,23 +75,25 @@ func TestGuestBench(t *testing.T) {
 		"vublk": {env.vublk, "serve", "--socket-path", sock, "--blk-file", img, "--num-queues", "2",
 			"--log-level", "warn"},
 	}
+	// vublk-packed is the same server, with the guest's disk on packed rings (packed=on).
+	commands["vublk-packed"] = commands["vublk"]
 
 	var runs []guestBenchRun
 	for round := 1; round <= rounds; round++ {
 		// Alternate which server goes first, as scripts/bench.sh does.
-		order := []string{"qsd", "vublk"}
+		order := []string{"qsd", "vublk", "vublk-packed"}
 		if round%2 == 0 {
-			order = []string{"vublk", "qsd"}
+			slices.Reverse(order)
 		}
 		for _, backend := range order {
 			t.Run(fmt.Sprintf("round%d-%s", round, backend), func(t *testing.T) {
 				argv := commands[backend]
-				if prof := os.Getenv("VUBLK_GUEST_BENCH_CPUPROFILE"); prof != "" && backend == "vublk" {
+				if prof := os.Getenv("VUBLK_GUEST_BENCH_CPUPROFILE"); prof != "" && backend != "qsd" {
 					// A CPU profile of vublk per round, for go tool pprof.
-					argv = append(argv[:len(argv):len(argv)], "--cpuprofile", fmt.Sprintf("%s.round%d", prof, round))
+					argv = append(argv[:len(argv):len(argv)], "--cpuprofile", fmt.Sprintf("%s.%s.round%d", prof, backend, round))
 				}
 				srv := startServer(t, backend, sock, filepath.Join(dir, backend+".log"), argv)
-				got := guestBench(t, srv.cmd.Process.Pid, sock, seconds)
+				got := guestBench(t, srv.cmd.Process.Pid, sock, seconds, backend == "vublk-packed")
 				srv.stop(t)
 				for i := range got {
 					got[i].Backend, got[i].Round = backend, round
@@ -129,7 +131,7 @@ func TestGuestBench(t *testing.T) {
 
 // guestBench boots the guest's bench phase on the server at socket and returns its jobs, with the
 // server's CPU time read from /proc/PID/stat as the guest starts and ends each one.
-func guestBench(t *testing.T, pid int, socket string, seconds int) []guestBenchRun {
+func guestBench(t *testing.T, pid int, socket string, seconds int, packed bool) []guestBenchRun {
 	t.Helper()
 	var runs []guestBenchRun
 	started := map[string]time.Duration{}
@@ -142,9 +144,13 @@ func guestBench(t *testing.T, pid int, socket string, seconds int) []guestBenchR
 		return d
 	}
 	const jobs = 4 // in phase_bench
+	d, ring := disk{socket: socket, numQueues: 2}, "0"
+	if packed {
+		d.deviceOpts, ring = "packed=on", "1"
+	}
 	v := bootGuest(t, boot{
-		disks:   []disk{{socket: socket, numQueues: 2}},
-		params:  map[string]string{"phase": "bench", "seconds": strconv.Itoa(seconds)},
+		disks:   []disk{d},
+		params:  map[string]string{"phase": "bench", "seconds": strconv.Itoa(seconds), "packed": ring},
 		timeout: 2*time.Minute + jobs*time.Duration(seconds+30)*time.Second,
 		// Runs on the goroutine that reads the console; bootGuest returns after it has seen the
 		// last line.
@@ -181,7 +187,7 @@ func guestBench(t *testing.T, pid int, socket string, seconds int) []guestBenchR
 			}
 		},
 	})
-	want := []string{"queues"}
+	want := []string{"queues", "ring_packed"}
 	for _, r := range runs {
 		want = append(want, "bench_"+r.Job)
 	}
@@ -292,24 +298,31 @@ func writeGuestBenchTable(w io.Writer, runs []guestBenchRun) {
 		width = max(width, len(j))
 	}
 	pad := func(s string) string { return s + strings.Repeat(" ", width-len(s)) }
-	fmt.Fprintln(tw, pad("job")+"\tIOPS qsd\tIOPS vublk\tvublk/qsd\tp50us qsd\tp50us vublk\t"+
-		"CPUus/IO qsd\tCPUus/IO vublk\tvublk/qsd\t")
-	for _, j := range jobs {
-		iq := median(j, "qsd", func(r guestBenchRun) float64 { return r.IOPS })
-		iv := median(j, "vublk", func(r guestBenchRun) float64 { return r.IOPS })
-		pq := median(j, "qsd", func(r guestBenchRun) float64 { return r.P50 })
-		pv := median(j, "vublk", func(r guestBenchRun) float64 { return r.P50 })
-		cq := median(j, "qsd", func(r guestBenchRun) float64 { return r.CPUPerIO })
-		cv := median(j, "vublk", func(r guestBenchRun) float64 { return r.CPUPerIO })
-		fmt.Fprintln(tw, strings.Join([]string{pad(j),
-			num(iq, "%.0f"), num(iv, "%.0f"), num(iv/iq, "%.2f"),
-			num(pq, "%.1f"), num(pv, "%.1f"),
-			num(cq, "%.2f"), num(cv, "%.2f"), num(cv/cq, "%.2f")}, "\t")+"\t")
+	// One table per vublk variant (split rings, packed rings), each against QSD.
+	for _, b := range []string{"vublk", "vublk-packed"} {
+		if !slices.ContainsFunc(runs, func(r guestBenchRun) bool { return r.Backend == b }) {
+			continue
+		}
+		fmt.Fprintln(tw, pad("job")+"\tIOPS qsd\tIOPS "+b+"\tratio\tp50us qsd\tp50us "+b+"\t"+
+			"CPUus/IO qsd\tCPUus/IO "+b+"\tratio\t")
+		for _, j := range jobs {
+			iq := median(j, "qsd", func(r guestBenchRun) float64 { return r.IOPS })
+			iv := median(j, b, func(r guestBenchRun) float64 { return r.IOPS })
+			pq := median(j, "qsd", func(r guestBenchRun) float64 { return r.P50 })
+			pv := median(j, b, func(r guestBenchRun) float64 { return r.P50 })
+			cq := median(j, "qsd", func(r guestBenchRun) float64 { return r.CPUPerIO })
+			cv := median(j, b, func(r guestBenchRun) float64 { return r.CPUPerIO })
+			fmt.Fprintln(tw, strings.Join([]string{pad(j),
+				num(iq, "%.0f"), num(iv, "%.0f"), num(iv/iq, "%.2f"),
+				num(pq, "%.1f"), num(pv, "%.1f"),
+				num(cq, "%.2f"), num(cv, "%.2f"), num(cv/cq, "%.2f")}, "\t")+"\t")
+		}
+		fmt.Fprintln(tw)
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "\nMedians over the rounds. The TCG guest's emulated CPUs limit the IOPS of both servers; CPUus/IO,"+
 		"\nthe server's CPU time (user+system, /proc/PID/stat, 10 ms ticks) per request, is the figure to"+
-		"\ncompare: vublk/qsd < 1 is cheaper.")
+		"\ncompare: a ratio (vublk over qsd) < 1 is cheaper.")
 }
 
 func writeJSONLines(path string, runs []guestBenchRun) error {
