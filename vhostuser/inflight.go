@@ -14,6 +14,7 @@ package vhostuser
 // bytes of padding, next u16, counter u64), all little-endian.
 
 import (
+	"cmp"
 	"encoding/binary"
 	"fmt"
 	"math"
@@ -304,15 +305,7 @@ func (q *inflightQueue) resume(ringSize int, queueSize int, usedIdx uint16) (las
 		}
 		found = append(found, pending{uint16(i), binary.LittleEndian.Uint64(d[descOffCounter:])})
 	}
-	slices.SortFunc(found, func(a, b pending) int {
-		switch {
-		case a.counter < b.counter:
-			return -1
-		case a.counter > b.counter:
-			return 1
-		}
-		return int(a.head) - int(b.head)
-	})
+	slices.SortFunc(found, func(a, b pending) int { return resumeOrder(a.counter, a.head, b.counter, b.head) })
 	q.counter = 0
 	for _, p := range found {
 		resubmit = append(resubmit, p.head)
@@ -471,4 +464,11 @@ func (c *conn) resumeInflight(v *vring, ring *virtio.SplitQueue) (bool, error) {
 		log.Debug("inflight buffer: nothing to resubmit")
 	}
 	return true, nil
+}
+
+// resumeOrder orders requests found in flight in an inflight region for resubmission: in the
+// order they were popped (their counter), and by head where two counters are equal (a region
+// written by another back-end).
+func resumeOrder(aCounter uint64, aHead uint16, bCounter uint64, bHead uint16) int {
+	return cmp.Or(cmp.Compare(aCounter, bCounter), cmp.Compare(aHead, bHead))
 }

@@ -271,15 +271,7 @@ func (p *packedInflight) resume(ringSize int, desc []byte) (r packedResume, fres
 		ids[id] = true
 		found = append(found, pending{virtio.ResumePacked{ID: id, Descs: descs}, uint16(i), binary.LittleEndian.Uint64(h[sOffCounter:])})
 	}
-	slices.SortFunc(found, func(a, b pending) int {
-		switch {
-		case a.counter < b.counter:
-			return -1
-		case a.counter > b.counter:
-			return 1
-		}
-		return int(a.head) - int(b.head)
-	})
+	slices.SortFunc(found, func(a, b pending) int { return resumeOrder(a.counter, a.head, b.counter, b.head) })
 	p.counter = 0
 	for _, f := range found {
 		r.resubmit = append(r.resubmit, f.r)
