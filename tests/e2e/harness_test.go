@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vublk/vublk/tests/internal/buildvublk"
 )
 
 //go:embed guest.sh
@@ -145,10 +147,8 @@ func setup(m *testing.M) (int, error) {
 		return 0, err
 	}
 	env.vublk = filepath.Join(env.work, "vublk")
-	build := exec.Command("go", "build", "-tags", vublkBuildTags(), "-o", env.vublk, "./cmd/vublk")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		return 0, fmt.Errorf("building vublk: %v\n%s", err, out)
+	if err := buildvublk.Build(env.vublk, vublkBuildTags()); err != nil {
+		return 0, fmt.Errorf("building vublk: %w", err)
 	}
 	kroot := filepath.Join(root, ".cache", "kernel", "root")
 	kernels, _ := filepath.Glob(filepath.Join(kroot, "boot", "vmlinuz-*"))

@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vublk/vublk/tests/internal/buildvublk"
 )
 
 // The migration test's guest: small, so that a TCG migration over a unix socket is quick.
@@ -208,10 +210,8 @@ func buildHookedVublk(t *testing.T) string {
 	t.Helper()
 	hookedOnce.Do(func() {
 		hookedOnce.path = filepath.Join(env.work, "vublk-testhooks")
-		build := exec.Command("go", "build", "-tags", "vublk_testhooks", "-o", hookedOnce.path, "./cmd/vublk")
-		build.Dir = env.root
-		if out, err := build.CombinedOutput(); err != nil {
-			hookedOnce.err = fmt.Errorf("building vublk with test hooks: %v\n%s", err, out)
+		if err := buildvublk.Build(hookedOnce.path, "vublk_testhooks"); err != nil {
+			hookedOnce.err = fmt.Errorf("building vublk with test hooks: %w", err)
 		}
 	})
 	if hookedOnce.err != nil {
