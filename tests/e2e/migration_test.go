@@ -54,8 +54,8 @@ const (
 // 512 MiB guest oopsed after its 1st to 3rd migration (list_debug BUG, bad page state, slab BUG,
 // NULL pointer in virtblk_done) with qemu-storage-daemon as the back-end as well as with vublk;
 // at 524280 KiB (not a multiple of 256 KiB) the sync takes the per-page path, which resets the
-// TLB entries, and every migration came out clean (10 of 10 with vublk, 6 of 6 with
-// qemu-storage-daemon).
+// TLB entries, and every migration came out clean (20 of 20 with vublk, 8 of 8 with
+// qemu-storage-daemon, 4 of 4 on RBD).
 func migMemFor(q *qemuBinary) string {
 	if q.major < 9 {
 		return "524280K"
@@ -438,9 +438,17 @@ func (r *migRun) waitFor(what string, timeout time.Duration, cond func() bool) {
 	t.Helper()
 	deadline := time.After(timeout)
 	for !cond() {
+		var died chan struct{} // the guest's back-end exited (qemu-storage-daemon 7.2 once did, in a vu_panic)
+		if r.cur != nil {
+			died = r.cur.backend.done
+		}
 		select {
 		case l := <-r.lines:
 			r.handleLine(l)
+		case <-died:
+			r.drain()
+			t.Fatalf("round %d: waiting for %s: the guest's back-end %s exited:\n%s\nconsole (QEMU number first):\n%s",
+				r.round, what, r.cur.backend.name, r.cur.backend.logs(), lastLines(r.console.String(), 40))
 		case <-deadline:
 			t.Fatalf("round %d: no %s within %v; console (QEMU number first):\n%s", r.round, what, timeout, r.console.String())
 		}
