@@ -146,7 +146,7 @@ func TestMigration(t *testing.T) {
 		// The same guest between two qemu-storage-daemons: the reference back-end's figures.
 		qa := startQSD(t, q, filepath.Join(dir, "qsd-a.sock"), img)
 		qb := startQSD(t, q, filepath.Join(dir, "qsd-b.sock"), img)
-		rq := newMigRun(t, q, dir, sum, false) // libvhost-user, under qemu-storage-daemon, has no packed rings
+		rq := newMigRun(t, q, dir, sum, false) // qemu-storage-daemon's vhost-user-blk export offers no packed rings
 		rq.boot(qa)
 		rq.migrateRounds(migQSDRounds, qb, qa)
 		rq.finish()
