@@ -54,8 +54,8 @@ const (
 // 512 MiB guest oopsed after its 1st to 3rd migration (list_debug BUG, bad page state, slab BUG,
 // NULL pointer in virtblk_done) with qemu-storage-daemon as the back-end as well as with vublk;
 // at 524280 KiB (not a multiple of 256 KiB) the sync takes the per-page path, which resets the
-// TLB entries, and every migration came out clean (20 of 20 with vublk, 8 of 8 with
-// qemu-storage-daemon, 4 of 4 on RBD).
+// TLB entries, and every migration came out clean (30 of 30 with vublk, 10 of 10 with
+// qemu-storage-daemon, 8 of 8 on RBD).
 func migMemFor(q *qemuBinary) string {
 	if q.major < 9 {
 		return "524280K"
