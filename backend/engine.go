@@ -242,7 +242,7 @@ func (e *Engine) Submit(r *Request) {
 	if e.observer.Load() != nil {
 		r.start = monotime()
 	}
-	e.barrier.Enter()
+	e.barrier.Enter(r.Op)
 	if t := e.throttle.Load(); t != nil {
 		t.submit(e, r) // waits there, admitted, if over the limit
 		return
@@ -334,6 +334,7 @@ func (e *Engine) Close() error {
 			t.release(e) // the final drain does not wait for the limits
 		}
 		err = e.barrier.Flush() // not a guest flush: not counted
+		e.barrier.WaitReads()   // a flush does not wait for reads; the ring must
 		for i := range e.lanes {
 			close(e.lanes[i].ch)
 		}
@@ -392,10 +393,11 @@ func (e *Engine) account(r *Request) {
 }
 
 // complete lets r out of the barrier, then hands it back to its owner: the
-// barrier must count it until its data transfer has finished.
+// barrier must count it until its data transfer has finished (a write's
+// exit is what the write generation counts).
 func (e *Engine) complete(r *Request) {
-	done := r.Done
-	e.barrier.Exit()
+	done, op := r.Done, r.Op
+	e.barrier.Exit(op)
 	done.Complete(r)
 }
 
