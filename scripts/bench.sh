@@ -27,9 +27,10 @@
 #     requests, BLKIO_SECONDS worth at a nominal rate, and reports the time they took).
 # Server CPU per request comes from /proc/PID/stat of the server, before and after each run.
 #
-# The floor: fio --ioengine=psync, one thread, the same file and block sizes (jobs named
+# The floor: fio --ioengine=psync, one thread, the same file, block sizes and patterns (jobs named
 # floor-...): the CPU one thread of plain pread/pwrite calls spends per I/O, which any server pays
-# at least. Each server's CPU per I/O is printed as a ratio to it.
+# at least. Each server's CPU per I/O is printed as a ratio to the floor of its job's size and
+# pattern: random (vublk bench's rand* jobs) or sequential (qemu-img bench's, the 64k read).
 #
 # Environment: ROUNDS (3), RUNTIME (3s per vublk bench and fio job), RAMP (1s warm-up per vublk
 # bench job), BLKIO_SECONDS (3), SIZE_MB (1024), QUEUES (2: every server is started with this
@@ -90,6 +91,8 @@ blkio_jobs=(
 floor_jobs=(
   "floor-randread-4k  randread  4k"
   "floor-randwrite-4k randwrite 4k"
+  "floor-read-4k      read      4k"
+  "floor-write-4k     write     4k"
   "floor-read-64k     read      64k"
 )
 
