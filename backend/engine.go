@@ -232,7 +232,8 @@ func (e *Engine) SetWriteThrough(on bool) { e.writeThrough.Store(on) }
 // WriteThrough reports whether write-through mode is on.
 func (e *Engine) WriteThrough() bool { return e.writeThrough.Load() }
 
-// Submit admits r through the barrier (waiting while a flush runs) and hands
+// Submit admits r through the barrier (a write, discard or write-zeroes
+// waits while a flush runs; a read does not) and hands
 // it to a lane, or with IOEngineURing issues a read or write on the ring.
 // r.Done.Complete is called from the lane when it is finished; a request on
 // the ring is completed by whichever goroutine reaps it, which may be this
