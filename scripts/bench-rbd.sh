@@ -9,7 +9,15 @@
 # Environment: ROUNDS (3), RUNTIME (5s per job), RAMP (1s), SIZE_MB (512: the image, written
 # once before the runs so that reads hit data), QUEUES (2), OUT (bin/bench-rbd-results.jsonl),
 # CACHE (off: librbd's cache off in both servers, QSD's cache.direct=on and vublk's default; on:
-# on in both, QSD's cache.direct=off and vublk --rbd-cache).
+# on in both, QSD's cache.direct=off and vublk --rbd-cache), PRIO (unset: the servers and the OSD
+# compete with the rest of the machine as they are; a nice value such as -10: this script's session,
+# i.e. the server and the load generator, and the OSD, each a scheduler autogroup of its own, run at
+# that priority, for both servers alike; both are set back to 0 at the end).
+#
+# Besides vublk bench's summary it prints, per job and server, the medians with min-max of the
+# IOPS, of the server's CPU per I/O and of the OSD's (the OSD process's CPU time over the warm-up
+# and the measured phase, per I/O at the measured rate: what each server's requests cost the
+# cluster); the runs are in OUT's -osd.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +40,11 @@ QSD=$(command -v qemu-storage-daemon || true)
 
 [ -n "$QSD" ] || { echo "bench-rbd: qemu-storage-daemon is not installed (make deps)" >&2; exit 1; }
 [ -x "$VUBLK" ] || { echo "bench-rbd: $VUBLK is missing (make build)" >&2; exit 1; }
+osd_pid=$(cat "$(dirname "$VUBLK_CEPH_CONF")/osd.0.pid" 2>/dev/null || true)
+[ -n "$osd_pid" ] && [ -r "/proc/$osd_pid/stat" ] || osd_pid=""
+tck=$(getconf CLK_TCK)
+# The OSD's user+system CPU time in clock ticks (0 without its PID).
+osd_ticks() { if [ -n "$osd_pid" ]; then awk '{print $14 + $15}' "/proc/$osd_pid/stat" 2>/dev/null || echo 0; else echo 0; fi; }
 
 jobs=(
   "--rw randread  --bs 4k  --iodepth 1  --queues 1"
@@ -57,8 +70,14 @@ stop_server() {
   fi
   rm -f "$sock"
 }
+set_prio() { # nice value
+  [ -n "${PRIO:-}" ] || return 0
+  echo "$1" >"/proc/$$/autogroup" || true
+  [ -z "$osd_pid" ] || echo "$1" >"/proc/$osd_pid/autogroup" 2>/dev/null || true
+}
 cleanup() {
   stop_server
+  set_prio 0
   rbdcli rm --no-progress "$image" >/dev/null 2>&1 || true
   rm -rf "$dir"
 }
@@ -94,21 +113,32 @@ rbdcli create --size "${SIZE_MB}M" --image-feature layering "$image"
 rbdcli bench --io-type write --io-pattern seq --io-size 4M --io-total "${SIZE_MB}M" "$image" >/dev/null
 mkdir -p "$(dirname "$OUT")"
 : >"$OUT"
+osd_out=${OUT%.jsonl}-osd.tsv
+: >"$osd_out"
+set_prio "${PRIO:-0}"
 
 echo "bench-rbd: $($QSD --version | head -n 1) vs vublk ($(git describe --always --dirty 2>/dev/null || echo unknown)), $(nproc) CPUs"
-echo "bench-rbd: ${SIZE_MB} MiB RBD image, one OSD, $QUEUES queues per server, librbd cache $CACHE, ${#jobs[@]} jobs x $RUNTIME (+$RAMP warm-up), $ROUNDS rounds"
+echo "bench-rbd: ${SIZE_MB} MiB RBD image, one OSD, $QUEUES queues per server, librbd cache $CACHE, ${#jobs[@]} jobs x $RUNTIME (+$RAMP warm-up), $ROUNDS rounds, priority ${PRIO:-as is}"
 for round in $(seq "$ROUNDS"); do
   if [ $((round % 2)) -eq 1 ]; then order="qsd vublk"; else order="vublk qsd"; fi
   for server in $order; do
     start_server "$server"
     for job in "${jobs[@]}"; do
+      t0=$(osd_ticks)
       # shellcheck disable=SC2086 # the job's options are words
       line=$("$VUBLK" bench --socket "$sock" --server-pid "$server_pid" --label "$server" --json \
         --runtime "$RUNTIME" --ramp "$RAMP" --size "$((SIZE_MB / 2))M" $job)
+      t1=$(osd_ticks)
       echo "$line" >>"$OUT"
       jname=$(grep -o '"name":"[^"]*"' <<<"$line" | head -n 1 | cut -d'"' -f4)
       iops=$(grep -o '"iops":[0-9.]*' <<<"$line" | cut -d: -f2)
-      printf 'bench-rbd: round %d/%d %-6s %-30s %8.0f IOPS\n' "$round" "$ROUNDS" "$server" "$jname" "$iops"
+      srv=$(grep -o '"server_cpu":{[^}]*}' <<<"$line" | grep -o '"us_per_io":[0-9.]*' | cut -d: -f2)
+      # The OSD's CPU time from t0 to t1 covers the warm-up too: per I/O at the measured rate.
+      osd=$(awk -v d=$((t1 - t0)) -v tck="$tck" -v iops="$iops" -v rt="${RUNTIME%s}" -v ramp="${RAMP%s}" \
+        'BEGIN { printf "%.1f", (iops > 0 ? d / tck * 1e6 / (iops * (rt + ramp)) : 0) }')
+      printf '%s\t%s\t%d\t%.1f\t%.1f\t%s\n' "$jname" "$server" "$round" "$iops" "$srv" "$osd" >>"$osd_out"
+      printf 'bench-rbd: round %d/%d %-6s %-30s %8.0f IOPS %7.1f us/IO server %7.1f us/IO OSD\n' \
+        "$round" "$ROUNDS" "$server" "$jname" "$iops" "$srv" "$osd"
     done
     stop_server
   done
@@ -117,4 +147,18 @@ done
 echo
 "$VUBLK" bench summary --base qsd "$OUT"
 echo
-echo "bench-rbd: every run is in $OUT"
+# medmm COLUMN < values: "median (min-max)" of that column of $osd_out's lines on stdin.
+medmm() {
+  cut -f "$1" | sort -n | awk '{ v[NR] = $1 } END { m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    printf "%7.0f (%5.0f-%5.0f)", m, v[1], v[NR] }'
+}
+printf '%-30s %-6s %-22s %-22s %-22s\n' job server "IOPS med (min-max)" "CPUus/IO server" "CPUus/IO OSD"
+for job in $(cut -f 1 "$osd_out" | awk '!seen[$0]++'); do
+  for server in qsd vublk; do
+    rows=$(awk -F '\t' -v j="$job" -v s="$server" '$1 == j && $2 == s' "$osd_out")
+    [ -n "$rows" ] || continue
+    printf '%-30s %-6s %s  %s  %s\n' "$job" "$server" "$(medmm 4 <<<"$rows")" "$(medmm 5 <<<"$rows")" "$(medmm 6 <<<"$rows")"
+  done
+done
+echo
+echo "bench-rbd: every run is in $OUT, the OSD figures in $osd_out"
