@@ -20,7 +20,7 @@
 # Besides vublk bench's summary it prints, per job and server, the medians with min-max of the
 # IOPS, of the server's CPU per I/O and of the OSD's (the OSD process's CPU time over the warm-up
 # and the measured phase, per I/O at the measured rate: what each server's requests cost the
-# cluster); the runs are in OUT's -osd.tsv.
+# cluster; RUNTIME and RAMP in seconds for it, 3s or 0.5s); the runs are in OUT's -osd.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
