@@ -1,8 +1,8 @@
 //go:build e2e
 
 // Package e2e runs vublk against real QEMU with a real Linux guest. It needs what `make deps`
-// installs: qemu-system-x86, busybox-static, fio, e2fsprogs, cpio, and the Debian guest kernel
-// unpacked under .cache/kernel. Run it with `make e2e` (go test -tags e2e ./tests/e2e/).
+// installs: qemu-system-x86, busybox-static, fio, e2fsprogs, cpio, xz-utils, and the Debian guest
+// kernel unpacked under .cache/kernel. Run it with `make e2e` (go test -tags e2e ./tests/e2e/).
 package e2e
 
 import (

@@ -24,15 +24,16 @@ func TestBackendRestart(t *testing.T) {
 }
 
 // TestBackendRestartPacked is TestBackendRestart on packed rings (packed=on; the inflight buffer
-// has the packed layout), shorter: 45 s of guest I/O, at least 4 kills of which 2 find requests
-// in flight (about 2 minutes per QEMU).
+// has the packed layout), shorter: at most 45 s of guest I/O, at least 4 kills of which 2 find
+// requests in flight.
 func TestBackendRestartPacked(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q *qemuBinary) { testBackendRestart(t, q, packedRestart) })
 }
 
 // restartRun is how long a backend-restart test runs: at least minKills kills, and more until
 // wantResumed restarts have found requests in flight (a kill lands between requests more often
-// than not), at most maxKills, while the guest writes for seconds (the kills stop 15 s before).
+// than not), at most maxKills, while the guest writes for at most seconds (the kills stop 15 s
+// before; the host ends the guest's I/O restartTail after the last kill).
 type restartRun struct {
 	minKills, maxKills, wantResumed, seconds int
 	packed                                   bool
