@@ -209,12 +209,16 @@ phase_restart() {
 	if [ -n "$(param packed)" ]; then
 		expect restart_packed "$(cut -c35 /sys/block/vda/device/features)" "$(param packed)"
 	fi
+	# The host ends the I/O early with "stop" on the console (restartTail in restart_test.go)
+	# once its kills or faults are over; else it ends after vublk.seconds.
+	rm -f /tmp/stop
+	( while read -r cmd; do [ "$cmd" = stop ] && touch /tmp/stop && break; done </dev/ttyS0 ) &
 	echo "E2E restart-running"
 	# Random 4 KiB writes from two jobs with 16 in flight each and a flush after every four,
 	# verified with crc32c, run after run on the first 16 MiB ...
 	(
 		n=0
-		while [ "$(date +%s)" -lt $end ]; do
+		while [ "$(date +%s)" -lt $end ] && [ ! -f /tmp/stop ]; do
 			if ! $T/fio --name=restart --filename=/dev/vda --thread --direct=1 --ioengine=libaio \
 				--iodepth=16 --rw=randwrite --bs=4k --size=8M --numjobs=2 --offset_increment=8M --fsync=4 \
 				--verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting >/tmp/fio.out 2>&1; then
@@ -233,7 +237,7 @@ phase_restart() {
 	dd if=/dev/urandom of=/tmp/p1 bs=1M count=4 2>/dev/null
 	i=0
 	ddfail=
-	while [ "$(date +%s)" -lt $end ]; do
+	while [ "$(date +%s)" -lt $end ] && [ ! -f /tmp/stop ]; do
 		off=$((64 + i % 64))
 		p=/tmp/p$((i % 2))
 		if ! dd if=$p of=/dev/vda bs=1M seek=$off count=4 oflag=direct conv=fsync 2>/tmp/dd.err; then

@@ -146,17 +146,20 @@ func testRBDGuest(t *testing.T, q *qemuBinary) {
 
 // restartWorkload boots a guest running the restart phase (fio randwrite with crc32c verify and
 // a flush every 4 writes, plus a write-and-read-back loop) for seconds against sock, calls
-// during once the workload runs, and checks that the guest saw no I/O error.
+// during once the workload runs, ends the workload restartTail after during returned (if its
+// seconds have not), and checks that the guest saw no I/O error.
 func restartWorkload(t *testing.T, q *qemuBinary, sock string, seconds int, during func()) {
 	t.Helper()
 	running := make(chan struct{})
 	var once sync.Once
 	result := make(chan *vm, 1)
+	console := consolePipe(t)
 	go func() {
 		result <- bootGuest(t, boot{
 			qemu:    q,
 			disks:   []disk{{socket: sock, numQueues: 2, reconnect: true}},
 			params:  map[string]string{"phase": "restart", "size": strconv.Itoa(diskSize), "seconds": strconv.Itoa(seconds)},
+			console: console.r,
 			timeout: 6 * time.Minute,
 			onLine: func(line string) {
 				if line == "E2E restart-running" {
@@ -173,6 +176,7 @@ func restartWorkload(t *testing.T, q *qemuBinary, sock string, seconds int, duri
 		t.Fatal("the guest did not start its workload")
 	}
 	during()
+	console.stopRestartPhase(t)
 	v := <-result
 	v.expectChecks(t, "restart", []string{"size", "restart_dd", "restart_fio", "restart_io_errors"})
 }
