@@ -38,6 +38,9 @@ type guestBenchRun struct {
 	// bench-start line to its bench-end line, and CPUPerIO that over IOs.
 	ServerCPU float64 `json:"server_cpu_s"`
 	CPUPerIO  float64 `json:"server_cpu_us_per_io"`
+	// CSPerIO is the back-end's context switches (voluntary and involuntary, summed over its
+	// threads alive at the job's start and end) per request.
+	CSPerIO float64 `json:"server_cs_per_io"`
 }
 
 // TestGuestBench is the in-guest half of `make bench`: the TCG guest runs the same fio jobs
@@ -97,8 +100,8 @@ func TestGuestBench(t *testing.T) {
 				srv.stop(t)
 				for i := range got {
 					got[i].Backend, got[i].Round = backend, round
-					t.Logf("%-22s %8.0f IOPS  p50 %7.1f us  server CPU %.2f s, %.2f us/IO",
-						got[i].Job, got[i].IOPS, got[i].P50, got[i].ServerCPU, got[i].CPUPerIO)
+					t.Logf("%-22s %8.0f IOPS  p50 %7.1f us  server CPU %.2f s, %.2f us/IO, %.2f cs/IO",
+						got[i].Job, got[i].IOPS, got[i].P50, got[i].ServerCPU, got[i].CPUPerIO, got[i].CSPerIO)
 				}
 				runs = append(runs, got...)
 			})
@@ -136,6 +139,7 @@ func guestBench(t *testing.T, pid int, socket string, seconds int, packed bool) 
 	var runs []guestBenchRun
 	started := map[string]time.Duration{}
 	used := map[string]time.Duration{}
+	csStarted, csUsed := map[string]uint64{}, map[string]uint64{}
 	cpu := func() time.Duration {
 		d, err := bench.ProcessCPU(pid)
 		if err != nil {
@@ -161,9 +165,9 @@ func guestBench(t *testing.T, pid int, socket string, seconds int, packed bool) 
 			}
 			switch job := f[2]; f[1] {
 			case "bench-start":
-				started[job] = cpu()
+				started[job], csStarted[job] = cpu(), contextSwitches(pid)
 			case "bench-end":
-				used[job] = cpu() - started[job]
+				used[job], csUsed[job] = cpu()-started[job], contextSwitches(pid)-csStarted[job]
 			case "bench":
 				if len(f) != 6 {
 					t.Errorf("malformed bench line %q", line)
@@ -182,6 +186,7 @@ func guestBench(t *testing.T, pid int, socket string, seconds int, packed bool) 
 				}
 				if r.IOs > 0 {
 					r.CPUPerIO = float64(used[job].Microseconds()) / float64(r.IOs)
+					r.CSPerIO = float64(csUsed[job]) / float64(r.IOs)
 				}
 				runs = append(runs, r)
 			}
@@ -196,6 +201,29 @@ func guestBench(t *testing.T, pid int, socket string, seconds int, packed bool) 
 		t.Errorf("the guest reported %d bench jobs, want %d", len(runs), jobs)
 	}
 	return runs
+}
+
+// contextSwitches is the sum of the voluntary and involuntary context switches of pid's threads
+// (those alive now: a thread that exited is not counted).
+func contextSwitches(pid int) uint64 {
+	statuses, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	var n uint64
+	for _, p := range statuses {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "voluntary_ctxt_switches:"); ok {
+				c, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+				n += c
+			} else if v, ok := strings.CutPrefix(line, "nonvoluntary_ctxt_switches:"); ok {
+				c, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+				n += c
+			}
+		}
+	}
+	return n
 }
 
 // server is a vhost-user-blk back-end process (any: QSD, vublk) with its output in a file.
@@ -304,7 +332,7 @@ func writeGuestBenchTable(w io.Writer, runs []guestBenchRun) {
 			continue
 		}
 		fmt.Fprintln(tw, pad("job")+"\tIOPS qsd\tIOPS "+b+"\tratio\tp50us qsd\tp50us "+b+"\t"+
-			"CPUus/IO qsd\tCPUus/IO "+b+"\tratio\t")
+			"CPUus/IO qsd\tCPUus/IO "+b+"\tratio\tcs/IO qsd\tcs/IO "+b+"\t")
 		for _, j := range jobs {
 			iq := median(j, "qsd", func(r guestBenchRun) float64 { return r.IOPS })
 			iv := median(j, b, func(r guestBenchRun) float64 { return r.IOPS })
@@ -312,10 +340,13 @@ func writeGuestBenchTable(w io.Writer, runs []guestBenchRun) {
 			pv := median(j, b, func(r guestBenchRun) float64 { return r.P50 })
 			cq := median(j, "qsd", func(r guestBenchRun) float64 { return r.CPUPerIO })
 			cv := median(j, b, func(r guestBenchRun) float64 { return r.CPUPerIO })
+			sq := median(j, "qsd", func(r guestBenchRun) float64 { return r.CSPerIO })
+			sv := median(j, b, func(r guestBenchRun) float64 { return r.CSPerIO })
 			fmt.Fprintln(tw, strings.Join([]string{pad(j),
 				num(iq, "%.0f"), num(iv, "%.0f"), num(iv/iq, "%.2f"),
 				num(pq, "%.1f"), num(pv, "%.1f"),
-				num(cq, "%.2f"), num(cv, "%.2f"), num(cv/cq, "%.2f")}, "\t")+"\t")
+				num(cq, "%.2f"), num(cv, "%.2f"), num(cv/cq, "%.2f"),
+				num(sq, "%.2f"), num(sv, "%.2f")}, "\t")+"\t")
 		}
 		fmt.Fprintln(tw)
 	}

@@ -145,7 +145,14 @@ func setup(m *testing.M) (int, error) {
 		return 0, err
 	}
 	env.vublk = filepath.Join(env.work, "vublk")
-	build := exec.Command("go", "build", "-tags", vublkBuildTags(), "-o", env.vublk, "./cmd/vublk")
+	// The Makefile's GODEBUG default (its GODEBUG_DEFAULT): the vublk under test is the one make
+	// build makes. VUBLK_GODEBUG_DEFAULT overrides it ("" builds without it).
+	godebug, ok := os.LookupEnv("VUBLK_GODEBUG_DEFAULT")
+	if !ok {
+		godebug = "schedtrace=2147483647"
+	}
+	build := exec.Command("go", "build", "-tags", vublkBuildTags(), "-ldflags", "-X=runtime.godebugDefault="+godebug,
+		"-o", env.vublk, "./cmd/vublk")
 	build.Dir = root
 	if out, err := build.CombinedOutput(); err != nil {
 		return 0, fmt.Errorf("building vublk: %v\n%s", err, out)
