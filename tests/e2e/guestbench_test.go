@@ -102,7 +102,7 @@ func TestGuestBench(t *testing.T) {
 		for _, backend := range order {
 			t.Run(fmt.Sprintf("round%d-%s", round, backend), func(t *testing.T) {
 				argv := commands[backend]
-				if prof := os.Getenv("VUBLK_GUEST_BENCH_CPUPROFILE"); prof != "" && backend != "qsd" {
+				if prof := os.Getenv("VUBLK_GUEST_BENCH_CPUPROFILE"); prof != "" && strings.HasPrefix(backend, "vublk") {
 					// A CPU profile of vublk per round, for go tool pprof.
 					argv = append(argv[:len(argv):len(argv)], "--cpuprofile", fmt.Sprintf("%s.%s.round%d", prof, backend, round))
 				}
