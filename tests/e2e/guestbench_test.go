@@ -91,6 +91,16 @@ func TestGuestBench(t *testing.T) {
 	} else {
 		t.Logf("no qemu-storage-daemon in the Debian 13 root (%v): qsd10 left out", err)
 	}
+	// VUBLK_GUEST_BENCH_REF=BINARY adds vublk-ref, another vublk binary on split rings (an A/B
+	// in the same run); VUBLK_GUEST_BENCH_ONLY=a,b keeps those back-ends only.
+	if ref := os.Getenv("VUBLK_GUEST_BENCH_REF"); ref != "" {
+		commands["vublk-ref"] = append([]string{ref}, commands["vublk"][1:]...)
+		backends = append(backends, "vublk-ref")
+	}
+	if only := os.Getenv("VUBLK_GUEST_BENCH_ONLY"); only != "" {
+		keep := strings.Split(only, ",")
+		backends = slices.DeleteFunc(backends, func(b string) bool { return !slices.Contains(keep, b) })
+	}
 
 	var runs []guestBenchRun
 	for round := 1; round <= rounds; round++ {
@@ -340,7 +350,7 @@ func writeGuestBenchTable(w io.Writer, runs []guestBenchRun) {
 	// One row per job and back-end; each vublk row has its ratios to each QSD and to the better
 	// one (the lower CPU per I/O).
 	var backends []string
-	for _, b := range []string{"qsd", "qsd10", "vublk", "vublk-packed"} {
+	for _, b := range []string{"qsd", "qsd10", "vublk", "vublk-packed", "vublk-ref"} {
 		if slices.ContainsFunc(runs, func(r guestBenchRun) bool { return r.Backend == b }) {
 			backends = append(backends, b)
 		}
