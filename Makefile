@@ -13,7 +13,7 @@ SIZE ?= 1G
 FUZZTIME ?= 60s
 FUZZ_PKGS := ./config ./virtio ./vhostuser ./vduse
 
-.PHONY: all build deps run test check unit crash e2e hostile rbd fuzz install clean bench bench-rbd bench-guest
+.PHONY: all build print-ldflags deps run test check unit crash e2e hostile rbd fuzz install clean bench bench-rbd bench-guest
 
 all: build
 
@@ -37,6 +37,11 @@ LDFLAGS := $(if $(GODEBUG_DEFAULT),-X=runtime.godebugDefault=$(GODEBUG_DEFAULT))
 
 build:
 	$(GO) build -tags "$(TAGS)" -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/vublk
+
+# The link flags above, for the tests that build vublk themselves (tests/internal/buildvublk), so
+# that they run what make build ships.
+print-ldflags:
+	@echo '$(LDFLAGS)'
 
 # Everything the tests need: Debian packages, the guest kernel, Go modules.
 deps:
@@ -112,7 +117,8 @@ bench: deps build
 	$(MAKE) --no-print-directory bench-guest
 
 # The RBD rows: vublk --blk-rbd against qemu-storage-daemon's rbd driver on one image of a
-# single-node cluster started for it (scripts/bench-rbd.sh; ROUNDS, RUNTIME, SIZE_MB).
+# single-node cluster started for it (scripts/bench-rbd.sh; ROUNDS, RUNTIME, SIZE_MB, CACHE=on,
+# PRIO=-10: the servers, the load generator and the OSD at that priority), with the OSD's CPU per I/O.
 bench-rbd: deps build
 	bash scripts/ceph-cluster.sh run bash scripts/bench-rbd.sh
 

@@ -265,14 +265,14 @@ func (b *Barrier) epochOpen() bool {
 func TestBarrierFlushWaitsForInflight(t *testing.T) {
 	var synced atomic.Bool
 	b := NewBarrier(func() error { synced.Store(true); return nil })
-	b.Enter()
+	b.Enter(OpWrite)
 	done := make(chan error)
 	go func() { done <- b.Flush() }()
 	time.Sleep(20 * time.Millisecond)
 	if synced.Load() {
 		t.Fatal("sync ran while a request was in flight")
 	}
-	b.Exit()
+	b.Exit(OpWrite)
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
@@ -325,6 +325,9 @@ func TestBarrierLatchesSyncFailure(t *testing.T) {
 		{"and stays latched", true},
 	}
 	for _, st := range steps {
+		// A write before each flush, so that none may skip its sync.
+		b.Enter(OpWrite)
+		b.Exit(OpWrite)
 		err := b.Flush()
 		if (err != nil) != st.wantErr {
 			t.Fatalf("%s: err = %v", st.name, err)
@@ -359,3 +362,180 @@ type failingDurable struct {
 }
 
 func (f *failingDurable) WriteAtDurable(bufs [][]byte, off int64) error { return f.err }
+
+// countingSync is a sync function that counts its calls and fails while
+// fail is set.
+type countingSync struct {
+	calls atomic.Int32
+	fail  atomic.Bool
+}
+
+var errSyncEIO = errors.New("EIO")
+
+func (c *countingSync) sync() error {
+	c.calls.Add(1)
+	if c.fail.Load() {
+		return errSyncEIO
+	}
+	return nil
+}
+
+// TestBarrierWriteGeneration runs scripts of completed requests and flushes
+// on one barrier and checks, for every flush, whether it reached the store's
+// sync and whether it failed. Steps: w write, d discard, z write-zeroes, r
+// read (each entered and exited), x the syncs fail from now on, o they
+// succeed again, F a flush that must sync, S one that must skip the sync, E
+// a flush that must sync and fail, L one that must fail (latched) without
+// a check of whether it synced.
+func TestBarrierWriteGeneration(t *testing.T) {
+	for _, tc := range []struct{ name, script string }{
+		{"the first flush syncs with nothing written", "F"},
+		{"a second flush with nothing written skips", "FS"},
+		{"a write makes the next flush sync", "FSwFS"},
+		{"many writes, one sync", "wwwwFSS"},
+		{"reads are not written data", "FrrSrS"},
+		{"discard and write-zeroes count as writes", "FdFzFS"},
+		{"a failed sync does not count as synced", "wxELLoL"},
+		{"a failed first sync with nothing written", "xELoLL"},
+		{"a latched barrier never skips", "wxEoLwLrL"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var c countingSync
+			b := NewBarrier(c.sync)
+			for i, step := range tc.script {
+				before := c.calls.Load()
+				var err error
+				switch step {
+				case 'w', 'd', 'z', 'r':
+					op := map[rune]Op{'w': OpWrite, 'd': OpDiscard, 'z': OpWriteZeroes, 'r': OpRead}[step]
+					b.Enter(op)
+					b.Exit(op)
+					continue
+				case 'x':
+					c.fail.Store(true)
+					continue
+				case 'o':
+					c.fail.Store(false)
+					continue
+				}
+				err = b.Flush()
+				synced := c.calls.Load() > before
+				wantSync, wantErr := step == 'F' || step == 'E', step == 'E' || step == 'L'
+				if step != 'L' && synced != wantSync {
+					t.Fatalf("step %d (%c) of %q: synced = %v, want %v", i, step, tc.script, synced, wantSync)
+				}
+				if (err != nil) != wantErr || err != nil && !errors.Is(err, ErrSyncFailed) {
+					t.Fatalf("step %d (%c) of %q: err = %v, want error %v", i, step, tc.script, err, wantErr)
+				}
+			}
+		})
+	}
+}
+
+// inflightWriteCovered starts a write on b (in flight, not completed) after a
+// sync that left nothing to write, then flushes, and reports whether that
+// flush waited for the write and synced after it exited.
+func inflightWriteCovered(t *testing.T, mode UnsafeMode) bool {
+	t.Helper()
+	var c countingSync
+	b := NewBarrier(c.sync)
+	b.SetUnsafe(mode)
+	if err := b.Flush(); err != nil { // the generation is now synced
+		t.Fatal(err)
+	}
+	b.Enter(OpWrite)
+	done := make(chan error, 1)
+	go func() { done <- b.Flush() }()
+	var returnedEarly bool
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+		returnedEarly = true
+	case <-time.After(20 * time.Millisecond):
+	}
+	syncsBeforeExit := c.calls.Load()
+	b.Exit(OpWrite)
+	if !returnedEarly {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	return !returnedEarly && syncsBeforeExit == 1 && c.calls.Load() == 2
+}
+
+// TestBarrierCoversInflightWrite: a flush that arrives while a write runs
+// covers it, although no write completed since the last sync; a barrier
+// that skips from the generation it finds on arrival fails the same check.
+func TestBarrierCoversInflightWrite(t *testing.T) {
+	for _, tc := range []struct {
+		mode UnsafeMode
+		want bool
+	}{{Safe, true}, {UnsafeSkipInflight, false}} {
+		t.Run(tc.mode.String(), func(t *testing.T) {
+			if got := inflightWriteCovered(t, tc.mode); got != tc.want {
+				t.Fatalf("in-flight write covered = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// TestBarrierFlushDoesNotWaitForReads: a read in flight does not hold a
+// flush, and a read entering during a flush's sync is not held either; a
+// write entering then is, and makes the next flush sync again.
+func TestBarrierFlushDoesNotWaitForReads(t *testing.T) {
+	release := make(chan struct{})
+	var calls atomic.Int32
+	b := NewBarrier(func() error {
+		if calls.Add(1) == 2 {
+			<-release
+		}
+		return nil
+	})
+	b.Enter(OpRead) // in flight throughout
+	if err := b.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	b.Enter(OpWrite)
+	b.Exit(OpWrite)
+	flushed := make(chan error, 1)
+	go func() { flushed <- b.Flush() }() // its sync waits for release
+	for calls.Load() < 2 {
+		time.Sleep(time.Millisecond)
+	}
+	readIn := make(chan struct{})
+	go func() { b.Enter(OpRead); close(readIn) }()
+	select {
+	case <-readIn:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a read was held by a flush's sync")
+	}
+	writeIn := make(chan struct{})
+	go func() { b.Enter(OpWrite); close(writeIn) }()
+	select {
+	case <-writeIn:
+		t.Fatal("a write entered during a flush's sync")
+	case <-time.After(20 * time.Millisecond):
+	}
+	close(release)
+	if err := <-flushed; err != nil {
+		t.Fatal(err)
+	}
+	<-writeIn
+	b.Exit(OpWrite) // completed after the sync it waited for: not covered by it
+	if err := b.Flush(); err != nil || calls.Load() != 3 {
+		t.Fatalf("flush after a write admitted during a sync: err %v, %d syncs, want 3", err, calls.Load())
+	}
+	// The reads are still in flight: WaitReads waits for them.
+	waited := make(chan struct{})
+	go func() { b.WaitReads(); close(waited) }()
+	select {
+	case <-waited:
+		t.Fatal("WaitReads returned with reads in flight")
+	case <-time.After(20 * time.Millisecond):
+	}
+	b.Exit(OpRead)
+	b.Exit(OpRead)
+	<-waited
+}

@@ -232,7 +232,8 @@ func (e *Engine) SetWriteThrough(on bool) { e.writeThrough.Store(on) }
 // WriteThrough reports whether write-through mode is on.
 func (e *Engine) WriteThrough() bool { return e.writeThrough.Load() }
 
-// Submit admits r through the barrier (waiting while a flush runs) and hands
+// Submit admits r through the barrier (a write, discard or write-zeroes
+// waits while a flush runs; a read does not) and hands
 // it to a lane, or with IOEngineURing issues a read or write on the ring.
 // r.Done.Complete is called from the lane when it is finished; a request on
 // the ring is completed by whichever goroutine reaps it, which may be this
@@ -242,7 +243,7 @@ func (e *Engine) Submit(r *Request) {
 	if e.observer.Load() != nil {
 		r.start = monotime()
 	}
-	e.barrier.Enter()
+	e.barrier.Enter(r.Op)
 	if t := e.throttle.Load(); t != nil {
 		t.submit(e, r) // waits there, admitted, if over the limit
 		return
@@ -334,6 +335,7 @@ func (e *Engine) Close() error {
 			t.release(e) // the final drain does not wait for the limits
 		}
 		err = e.barrier.Flush() // not a guest flush: not counted
+		e.barrier.WaitReads()   // a flush does not wait for reads; the ring must
 		for i := range e.lanes {
 			close(e.lanes[i].ch)
 		}
@@ -396,10 +398,11 @@ func (e *Engine) account(r *Request) {
 }
 
 // complete lets r out of the barrier, then hands it back to its owner: the
-// barrier must count it until its data transfer has finished.
+// barrier must count it until its data transfer has finished (a write's
+// exit is what the write generation counts).
 func (e *Engine) complete(r *Request) {
-	done := r.Done
-	e.barrier.Exit()
+	done, op := r.Done, r.Op
+	e.barrier.Exit(op)
 	done.Complete(r)
 }
 

@@ -91,7 +91,7 @@ func (e *Engine) RunInline(r *Request) bool {
 	if e.observer.Load() != nil {
 		r.start = monotime()
 	}
-	e.barrier.Enter()
+	e.barrier.Enter(r.Op)
 	e.Stats.Inline.Add(1)
 	t0 := monotime()
 	r.Err = e.executeInline(r)

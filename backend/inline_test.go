@@ -82,10 +82,10 @@ func TestSubmitIdle(t *testing.T) {
 }
 
 // orderStore is a gatedStore that records when its last sync ended and when
-// its last read ran.
+// its last read and write ran.
 type orderStore struct {
 	*gatedStore
-	syncEnd, readAt atomic.Int64 // monotime
+	syncEnd, readAt, writeAt atomic.Int64 // monotime
 }
 
 func (s *orderStore) Sync() error {
@@ -99,40 +99,62 @@ func (s *orderStore) ReadAt(bufs [][]byte, off int64) error {
 	return s.gatedStore.ReadAt(bufs, off)
 }
 
-// TestSubmitIdleWaitsForFlush: a request run inline is admitted through the
-// barrier like any other: it waits while a flush drains and syncs.
+func (s *orderStore) WriteAt(bufs [][]byte, off int64) error {
+	err := s.gatedStore.WriteAt(bufs, off)
+	s.writeAt.Store(int64(monotime()))
+	return err
+}
+
+// TestSubmitIdleWaitsForFlush: a write run inline is admitted through the
+// barrier like any other: it waits while a flush drains and syncs. A read
+// does not: a flush neither drains nor holds reads.
 func TestSubmitIdleWaitsForFlush(t *testing.T) {
-	s := &orderStore{gatedStore: &gatedStore{gate: make(chan struct{}), syncDelay: 20 * time.Millisecond}}
-	e := NewEngine(s, 2)
-	defer e.Close()
-	e.inline.avg.Store(0) // the gate is open
-	held := make(chanDone, 1)
-	e.Submit(&Request{Op: OpWrite, Bufs: [][]byte{make([]byte, 512)}, Done: held}) // held at the gate
-	flushed := make(chan error, 1)
-	go func() { flushed <- e.Flush() }()
-	// Wait until the flush has closed the barrier (it is waiting for the write).
-	for closed := false; !closed; time.Sleep(time.Millisecond) {
-		e.barrier.mu.Lock()
-		closed = e.barrier.epoch != nil
-		e.barrier.mu.Unlock()
-	}
-	var d doneFlag
-	ran := make(chan bool, 1)
-	go func() { ran <- e.SubmitIdle(&Request{Op: OpRead, Bufs: [][]byte{make([]byte, 512)}, Done: &d}) }()
-	time.Sleep(10 * time.Millisecond)
-	if d.n.Load() != 0 {
-		t.Fatal("an inline read ran while a flush was draining")
-	}
-	close(s.gate)
-	<-held
-	if err := <-flushed; err != nil {
-		t.Fatal(err)
-	}
-	if !<-ran {
-		t.Fatal("the read did not run inline")
-	}
-	if read, synced := s.readAt.Load(), s.syncEnd.Load(); read < synced {
-		t.Errorf("the inline read ran %v before the flush's sync ended", time.Duration(synced-read))
+	for _, tc := range []struct {
+		op       Op
+		wantHeld bool
+	}{{OpWrite, true}, {OpRead, false}} {
+		t.Run(tc.op.String(), func(t *testing.T) {
+			s := &orderStore{gatedStore: &gatedStore{gate: make(chan struct{}), syncDelay: 20 * time.Millisecond}}
+			e := NewEngine(s, 2)
+			defer e.Close()
+			e.inline.avg.Store(0) // the gate is open
+			held := make(chanDone, 1)
+			e.Submit(&Request{Op: OpWrite, Bufs: [][]byte{make([]byte, 512)}, Done: held}) // held in the store
+			flushed := make(chan error, 1)
+			go func() { flushed <- e.Flush() }()
+			// Wait until the flush has closed the barrier (it is waiting for the write).
+			for e.Barrier().epochOpen() {
+				time.Sleep(time.Millisecond)
+			}
+			var d doneFlag
+			ran := make(chan bool, 1)
+			go func() { ran <- e.SubmitIdle(&Request{Op: tc.op, Bufs: [][]byte{make([]byte, 512)}, Done: &d}) }()
+			if tc.wantHeld {
+				time.Sleep(10 * time.Millisecond)
+				if d.n.Load() != 0 {
+					t.Fatal("an inline write ran while a flush was draining")
+				}
+			} else if !<-ran || d.n.Load() != 1 {
+				t.Fatal("an inline read did not run at once while a flush was draining")
+			}
+			close(s.gate)
+			<-held
+			if err := <-flushed; err != nil {
+				t.Fatal(err)
+			}
+			if tc.wantHeld && !<-ran {
+				t.Fatal("the write did not run inline")
+			}
+			at := s.writeAt.Load()
+			if tc.op == OpRead {
+				at = s.readAt.Load()
+			}
+			if synced := s.syncEnd.Load(); tc.wantHeld && at < synced {
+				t.Errorf("the inline write ran %v before the flush's sync ended", time.Duration(synced-at))
+			} else if !tc.wantHeld && at > synced {
+				t.Errorf("the inline read ran %v after the flush's sync ended", time.Duration(at-synced))
+			}
+		})
 	}
 }
 

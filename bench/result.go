@@ -35,6 +35,28 @@ type Result struct {
 	// ClientCPU is this process's: the load generator, and the back-end
 	// too when it runs in-process.
 	ClientCPU CPUResult `json:"client_cpu"`
+	// Notify counts the notifications of the measured phase both ways.
+	Notify NotifyResult `json:"notify"`
+}
+
+// NotifyResult counts kicks (the load generator telling the back-end about
+// new requests) and interrupts (the completion goroutines waking up on the
+// call eventfd) in the measured phase. Fewer per I/O means larger batches:
+// the back-end found more requests per kick, and the load generator more
+// completions per wake-up.
+type NotifyResult struct {
+	Kicks           uint64  `json:"kicks"`
+	Interrupts      uint64  `json:"interrupts"`
+	KicksPerIO      float64 `json:"kicks_per_io"`
+	InterruptsPerIO float64 `json:"interrupts_per_io"`
+}
+
+func notifyResult(kicks, interrupts, ios uint64) NotifyResult {
+	n := NotifyResult{Kicks: kicks, Interrupts: interrupts}
+	if ios > 0 {
+		n.KicksPerIO, n.InterruptsPerIO = float64(kicks)/float64(ios), float64(interrupts)/float64(ios)
+	}
+	return n
 }
 
 // JobReport is the job as run.
@@ -189,6 +211,8 @@ func (r *Result) WriteText(w io.Writer) {
 		fmt.Fprintf(w, "  server  pid %d: %.2f s CPU, %.2f us/IO\n", r.ServerCPU.PID, r.ServerCPU.Seconds, r.ServerCPU.MicrosPerIO)
 	}
 	fmt.Fprintf(w, "  client  %.2f s CPU, %.2f us/IO\n", r.ClientCPU.Seconds, r.ClientCPU.MicrosPerIO)
+	fmt.Fprintf(w, "  notify  %d kicks (%.3f/IO), %d interrupts (%.3f/IO)\n", r.Notify.Kicks, r.Notify.KicksPerIO,
+		r.Notify.Interrupts, r.Notify.InterruptsPerIO)
 	if v := r.Verify; v != nil {
 		fmt.Fprintf(w, "  verify  %d reads checked (%d read back after the run), %d errors\n", v.Checked, v.ReadBack, v.Errors)
 		if v.First != "" {

@@ -111,6 +111,7 @@ func TestWriteComparison(t *testing.T) {
 	results := []Result{
 		mk("floor", "floor-randread-4k", "randread", 4096, 0, 200000, 2),
 		mk("floor", "floor-randwrite-4k", "randwrite", 4096, 0, 200000, 2.5),
+		mk("floor", "floor-read-4k", "read", 4096, 0, 400000, 1),
 		mk("qsd10", "randread-4k-qd32-q1", "randread", 4096, 0, 100000, 10),
 		mk("qsd10-iot", "randread-4k-qd32-q1", "randread", 4096, 0, 120000, 8),
 		mk("vublk", "randread-4k-qd32-q1", "randread", 4096, 0, 300000, 3),
@@ -119,6 +120,8 @@ func TestWriteComparison(t *testing.T) {
 		mk("vublk", "randwrite-4k-qd32-q1", "randwrite", 4096, 0, 220000, 4),
 		mk("vublk", "randwrite-4k-qd32-q1-flush32", "randwrite", 4096, 32, 198000, 4),
 		mk("vublk", "read-64k-qd8-q1", "read", 65536, 0, 40000, 12),
+		mk("vublk", "read-4k-qd32-q1", "read", 4096, 0, 400000, 1.5),
+		mk("vublk", "write-4k-qd32-q1", "write", 4096, 0, 300000, 2),
 	}
 	s, err := Summarize(results, "qsd10")
 	if err != nil {
@@ -139,6 +142,10 @@ func TestWriteComparison(t *testing.T) {
 		"randwrite-4k-qd32-q1": "randwrite-4k-qd32-q1 qsd10 110000 220000 2.00 10.00 4.00 0.40 2.50 4.00 3.20 1.60",
 		// No reference ran it, and no floor of its size.
 		"read-64k-qd8-q1": "read-64k-qd8-q1 - - 40000 - - 12.00 - - - - -",
+		// Sequential jobs take the sequential floor, not the random one
+		// (there is none for sequential writes here).
+		"read-4k-qd32-q1":  "read-4k-qd32-q1 - - 400000 - - 1.50 - 1.00 - - 1.50",
+		"write-4k-qd32-q1": "write-4k-qd32-q1 - - 300000 - - 2.00 - - - - -",
 	} {
 		if lines[job] != want {
 			t.Errorf("row %q, want %q\n%s", lines[job], want, text)

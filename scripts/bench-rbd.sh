@@ -9,7 +9,18 @@
 # Environment: ROUNDS (3), RUNTIME (5s per job), RAMP (1s), SIZE_MB (512: the image, written
 # once before the runs so that reads hit data), QUEUES (2), OUT (bin/bench-rbd-results.jsonl),
 # CACHE (off: librbd's cache off in both servers, QSD's cache.direct=on and vublk's default; on:
-# on in both, QSD's cache.direct=off and vublk --rbd-cache).
+# on in both, QSD's cache.direct=off and vublk --rbd-cache), PRIO (unset: the servers and the OSD
+# compete with the rest of the machine as they are; a nice value such as -10: this script's session,
+# i.e. the server and the load generator, and the OSD, each a scheduler autogroup of its own, run at
+# that priority, for both servers alike; both are set back to 0 at the end), KEEP (unset: each round
+# starts one server, runs every job on it and stops it, then the other; 1: both servers run all the
+# time, on the same image, and each job runs on one, then at once on the other, which puts the two
+# runs of a pair closer in time).
+#
+# Besides vublk bench's summary it prints, per job and server, the medians with min-max of the
+# IOPS, of the server's CPU per I/O and of the OSD's (the OSD process's CPU time over the warm-up
+# and the measured phase, per I/O at the measured rate: what each server's requests cost the
+# cluster; RUNTIME and RAMP in seconds for it, 3s or 0.5s); the runs are in OUT's -osd.tsv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +43,11 @@ QSD=$(command -v qemu-storage-daemon || true)
 
 [ -n "$QSD" ] || { echo "bench-rbd: qemu-storage-daemon is not installed (make deps)" >&2; exit 1; }
 [ -x "$VUBLK" ] || { echo "bench-rbd: $VUBLK is missing (make build)" >&2; exit 1; }
+osd_pid=$(cat "$(dirname "$VUBLK_CEPH_CONF")/osd.0.pid" 2>/dev/null || true)
+[ -n "$osd_pid" ] && [ -r "/proc/$osd_pid/stat" ] || osd_pid=""
+tck=$(getconf CLK_TCK)
+# The OSD's user+system CPU time in clock ticks (0 without its PID).
+osd_ticks() { if [ -n "$osd_pid" ]; then awk '{print $14 + $15}' "/proc/$osd_pid/stat" 2>/dev/null || echo 0; else echo 0; fi; }
 
 jobs=(
   "--rw randread  --bs 4k  --iodepth 1  --queues 1"
@@ -43,22 +59,28 @@ jobs=(
 )
 
 dir=$(mktemp -d /tmp/vublk-bench-rbd.XXXXXX)
-sock=$dir/server.sock
 name=bench-$$
 image=$VUBLK_CEPH_POOL/$name
-server_pid=""
+declare -A pids # server -> PID while it runs
 rbdcli() { rbd -c "$VUBLK_CEPH_CONF" -k "$VUBLK_CEPH_KEYRING" "$@"; }
 
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-  rm -f "$sock"
+stop_servers() {
+  local s
+  for s in "${!pids[@]}"; do
+    kill -TERM "${pids[$s]}" 2>/dev/null || true
+    wait "${pids[$s]}" 2>/dev/null || true
+    unset "pids[$s]"
+    rm -f "$dir/$s.sock"
+  done
+}
+set_prio() { # nice value
+  [ -n "${PRIO:-}" ] || return 0
+  echo "$1" >"/proc/$$/autogroup" || true
+  [ -z "$osd_pid" ] || echo "$1" >"/proc/$osd_pid/autogroup" 2>/dev/null || true
 }
 cleanup() {
-  stop_server
+  stop_servers
+  set_prio 0
   rbdcli rm --no-progress "$image" >/dev/null 2>&1 || true
   rm -rf "$dir"
 }
@@ -66,6 +88,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 start_server() {
+  local sock=$dir/$1.sock
   case $1 in
   qsd)
     # cache.direct=on makes QEMU's rbd driver set rbd_cache=false (vublk's default), off true.
@@ -79,10 +102,10 @@ start_server() {
       --ceph-keyring "$VUBLK_CEPH_KEYRING" --num-queues "$QUEUES" "${vublk_cache[@]}" --log-level warn >"$dir/vublk.log" 2>&1 &
     ;;
   esac
-  server_pid=$!
+  pids[$1]=$!
   for _ in $(seq 100); do
     [ -S "$sock" ] && return 0
-    kill -0 "$server_pid" 2>/dev/null || break
+    kill -0 "${pids[$1]}" 2>/dev/null || break
     sleep 0.1
   done
   echo "bench-rbd: $1 did not start:" >&2
@@ -94,27 +117,65 @@ rbdcli create --size "${SIZE_MB}M" --image-feature layering "$image"
 rbdcli bench --io-type write --io-pattern seq --io-size 4M --io-total "${SIZE_MB}M" "$image" >/dev/null
 mkdir -p "$(dirname "$OUT")"
 : >"$OUT"
+osd_out=${OUT%.jsonl}-osd.tsv
+: >"$osd_out"
+set_prio "${PRIO:-0}"
 
 echo "bench-rbd: $($QSD --version | head -n 1) vs vublk ($(git describe --always --dirty 2>/dev/null || echo unknown)), $(nproc) CPUs"
-echo "bench-rbd: ${SIZE_MB} MiB RBD image, one OSD, $QUEUES queues per server, librbd cache $CACHE, ${#jobs[@]} jobs x $RUNTIME (+$RAMP warm-up), $ROUNDS rounds"
+echo "bench-rbd: ${SIZE_MB} MiB RBD image, one OSD, $QUEUES queues per server, librbd cache $CACHE, ${#jobs[@]} jobs x $RUNTIME (+$RAMP warm-up), $ROUNDS rounds, priority ${PRIO:-as is}"
+# run_job ROUND SERVER JOB: one run, its line in OUT and in osd_out.
+run_job() {
+  local round=$1 server=$2 job=$3 t0 t1 line jname iops srv osd
+  t0=$(osd_ticks)
+  # shellcheck disable=SC2086 # the job's options are words
+  line=$("$VUBLK" bench --socket "$dir/$server.sock" --server-pid "${pids[$server]}" --label "$server" --json \
+    --runtime "$RUNTIME" --ramp "$RAMP" --size "$((SIZE_MB / 2))M" $job)
+  t1=$(osd_ticks)
+  echo "$line" >>"$OUT"
+  jname=$(grep -o '"name":"[^"]*"' <<<"$line" | head -n 1 | cut -d'"' -f4)
+  iops=$(grep -o '"iops":[0-9.]*' <<<"$line" | cut -d: -f2)
+  srv=$(grep -o '"server_cpu":{[^}]*}' <<<"$line" | grep -o '"us_per_io":[0-9.]*' | cut -d: -f2)
+  # The OSD's CPU time from t0 to t1 covers the warm-up too: per I/O at the measured rate.
+  osd=$(awk -v d=$((t1 - t0)) -v tck="$tck" -v iops="$iops" -v rt="${RUNTIME%s}" -v ramp="${RAMP%s}" \
+    'BEGIN { printf "%.1f", (iops > 0 ? d / tck * 1e6 / (iops * (rt + ramp)) : 0) }')
+  printf '%s\t%s\t%d\t%.1f\t%.1f\t%s\n' "$jname" "$server" "$round" "$iops" "$srv" "$osd" >>"$osd_out"
+  printf 'bench-rbd: round %d/%d %-6s %-30s %8.0f IOPS %7.1f us/IO server %7.1f us/IO OSD\n' \
+    "$round" "$ROUNDS" "$server" "$jname" "$iops" "$srv" "$osd"
+}
+
+[ -z "${KEEP:-}" ] || { start_server qsd; start_server vublk; }
 for round in $(seq "$ROUNDS"); do
   if [ $((round % 2)) -eq 1 ]; then order="qsd vublk"; else order="vublk qsd"; fi
+  if [ -n "${KEEP:-}" ]; then
+    # Both servers keep running: each job runs on one, then at once on the other.
+    for job in "${jobs[@]}"; do
+      for server in $order; do run_job "$round" "$server" "$job"; done
+    done
+    continue
+  fi
   for server in $order; do
     start_server "$server"
-    for job in "${jobs[@]}"; do
-      # shellcheck disable=SC2086 # the job's options are words
-      line=$("$VUBLK" bench --socket "$sock" --server-pid "$server_pid" --label "$server" --json \
-        --runtime "$RUNTIME" --ramp "$RAMP" --size "$((SIZE_MB / 2))M" $job)
-      echo "$line" >>"$OUT"
-      jname=$(grep -o '"name":"[^"]*"' <<<"$line" | head -n 1 | cut -d'"' -f4)
-      iops=$(grep -o '"iops":[0-9.]*' <<<"$line" | cut -d: -f2)
-      printf 'bench-rbd: round %d/%d %-6s %-30s %8.0f IOPS\n' "$round" "$ROUNDS" "$server" "$jname" "$iops"
-    done
-    stop_server
+    for job in "${jobs[@]}"; do run_job "$round" "$server" "$job"; done
+    stop_servers
   done
 done
+stop_servers
 
 echo
 "$VUBLK" bench summary --base qsd "$OUT"
 echo
-echo "bench-rbd: every run is in $OUT"
+# medmm COLUMN < values: "median (min-max)" of that column of $osd_out's lines on stdin.
+medmm() {
+  cut -f "$1" | sort -n | awk '{ v[NR] = $1 } END { m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    printf "%7.0f (%5.0f-%5.0f)", m, v[1], v[NR] }'
+}
+printf '%-30s %-6s %-22s %-22s %-22s\n' job server "IOPS med (min-max)" "CPUus/IO server" "CPUus/IO OSD"
+for job in $(cut -f 1 "$osd_out" | awk '!seen[$0]++'); do
+  for server in qsd vublk; do
+    rows=$(awk -F '\t' -v j="$job" -v s="$server" '$1 == j && $2 == s' "$osd_out")
+    [ -n "$rows" ] || continue
+    printf '%-30s %-6s %s  %s  %s\n' "$job" "$server" "$(medmm 4 <<<"$rows")" "$(medmm 5 <<<"$rows")" "$(medmm 6 <<<"$rows")"
+  done
+done
+echo
+echo "bench-rbd: every run is in $OUT, the OSD figures in $osd_out"

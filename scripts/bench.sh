@@ -27,14 +27,16 @@
 #     requests, BLKIO_SECONDS worth at a nominal rate, and reports the time they took).
 # Server CPU per request comes from /proc/PID/stat of the server, before and after each run.
 #
-# The floor: fio --ioengine=psync, one thread, the same file and block sizes (jobs named
+# The floor: fio --ioengine=psync, one thread, the same file, block sizes and patterns (jobs named
 # floor-...): the CPU one thread of plain pread/pwrite calls spends per I/O, which any server pays
-# at least. Each server's CPU per I/O is printed as a ratio to it.
+# at least. Each server's CPU per I/O is printed as a ratio to the floor of its job's size and
+# pattern: random (vublk bench's rand* jobs) or sequential (qemu-img bench's, the 64k read).
 #
 # Environment: ROUNDS (3), RUNTIME (3s per vublk bench and fio job), RAMP (1s warm-up per vublk
 # bench job), BLKIO_SECONDS (3), SIZE_MB (1024), QUEUES (2: every server is started with this
 # many queues; the jobs use one), BASE (qsd10-iot), OUT (bin/bench-results.jsonl), SERVERS
-# ("qsd10 qsd10-iot vublk vublk-uring vublk-packed"), CLIENTS ("vublk blkio").
+# ("qsd10 qsd10-iot vublk vublk-uring vublk-packed"), CLIENTS ("vublk blkio"), JOBS (an
+# extended regular expression: only the jobs whose line below matches it run, e.g. JOBS=flush).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,6 +63,9 @@ for s in $SERVERS; do
   esac
 done
 runtime_s=${RUNTIME%s}
+JOBS=${JOBS:-}
+# want LINE: whether the job described by LINE is selected by JOBS.
+want() { [ -z "$JOBS" ] || grep -Eq -- "$JOBS" <<<"$1"; }
 
 # vublk bench jobs (each run is named from them, e.g. randread-4k-qd32-q1).
 jobs=(
@@ -69,6 +74,8 @@ jobs=(
   "--rw randwrite --bs 4k  --iodepth 32 --queues 1"
   "--rw read      --bs 64k --iodepth 8  --queues 1"
   "--rw randwrite --bs 4k  --iodepth 32 --queues 1 --flush-every 32"
+  "--rw randrw    --bs 4k  --iodepth 32 --queues 2"
+  "--rw randrw    --bs 4k  --iodepth 32 --queues 2 --flush-every 32"
 )
 # qemu-img bench jobs: name, rw, block size, depth, flush interval (0: none), nominal IOPS (the
 # request count is BLKIO_SECONDS times it). Flushes do not wait for the queue to drain
@@ -84,6 +91,8 @@ blkio_jobs=(
 floor_jobs=(
   "floor-randread-4k  randread  4k"
   "floor-randwrite-4k randwrite 4k"
+  "floor-read-4k      read      4k"
+  "floor-write-4k     write     4k"
   "floor-read-64k     read      64k"
 )
 
@@ -225,6 +234,7 @@ echo "bench: ${SIZE_MB} MiB file on tmpfs, $QUEUES queues per server, servers: $
 echo "bench: ${#jobs[@]} vublk bench jobs x $RUNTIME (+$RAMP warm-up), ${#blkio_jobs[@]} qemu-img bench jobs of about ${BLKIO_SECONDS}s, ${#floor_jobs[@]} fio floor jobs x $RUNTIME, $ROUNDS rounds"
 for round in $(seq "$ROUNDS"); do
   for f in "${floor_jobs[@]}"; do
+    want "$f" || continue
     # shellcheck disable=SC2086 # the job's fields are words
     report "$(run_floor $f)"
   done
@@ -236,6 +246,7 @@ for round in $(seq "$ROUNDS"); do
       case $client in
       vublk)
         for job in "${jobs[@]}"; do
+          want "$job" || continue
           # shellcheck disable=SC2086 # the job's options are words
           report "$(run_vublk_bench "$server" $job)"
         done
@@ -243,6 +254,7 @@ for round in $(seq "$ROUNDS"); do
       blkio)
         [ "$server" = vublk-packed ] && continue
         for job in "${blkio_jobs[@]}"; do
+          want "$job" || continue
           # shellcheck disable=SC2086 # the job's fields are words
           report "$(run_blkio_bench "$server" $job)"
         done

@@ -56,7 +56,10 @@ type rigConfig struct {
 	// writeThrough: "config" exports with --write-cache writethrough; "wce" has the driver switch
 	// to write through via the config space; "" is write back.
 	writeThrough string
-	broken       bool // the barrier syncs before draining
+	unsafe       backend.UnsafeMode // a broken barrier (Safe: the real one)
+	// flushHeavy: as many flushes as writes, and many reads, so that flushes often find
+	// nothing written since the last sync and skip it (the write generation).
+	flushHeavy bool
 	// inline: one request in flight per queue on a fast store, so that requests run on the
 	// queues' goroutines (SubmitIdle), not on lanes.
 	inline bool
@@ -73,8 +76,11 @@ func (c rigConfig) String() string {
 	if c.writeThrough != "" {
 		s += "/writethrough-" + c.writeThrough
 	}
-	if c.broken {
-		s += "/sync-before-drain"
+	if c.unsafe != backend.Safe {
+		s += "/" + c.unsafe.String()
+	}
+	if c.flushHeavy {
+		s += "/flush-heavy"
 	}
 	if c.inline {
 		s += "/inline-qd1"
@@ -101,7 +107,7 @@ func startRig(t *testing.T, c rigConfig) *rig {
 		// engine count it as fast.
 		engine.SetInlineLimit(time.Second)
 	}
-	engine.Barrier().SetUnsafeSyncBeforeDrain(c.broken)
+	engine.Barrier().SetUnsafe(c.unsafe)
 	if c.throttle {
 		engine.SetThrottle(backend.NewThrottle(backend.Limits{
 			IOPSWrite: backend.Rate{Avg: 3000, Max: 6000, MaxLength: time.Second},
@@ -224,10 +230,14 @@ func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad 
 				var p *frontend.Pending
 				var err error
 				sector, sectors := randomSectors(rng)
+				writes, reads := 70, 88 // percentages: writes, then reads, then flushes
+				if c.flushHeavy {
+					writes, reads = 30, 60
+				}
 				switch k := rng.IntN(100); {
-				case k < 70:
+				case k < writes:
 					p, err = r.write(q, sector, sectors)
-				case k < 88:
+				case k < reads:
 					p, err = r.read(q, sector, sectors)
 				default:
 					p, err = r.flush(q)
@@ -281,6 +291,11 @@ func crashRun(t *testing.T, c rigConfig, seed uint64, crashPoints int, untilBad 
 	if r.store.Syncs() == 0 {
 		t.Fatalf("%v: no sync reached the store", c)
 	}
+	if n := r.engine.Barrier().SkippedSyncs(); c.flushHeavy && c.unsafe == backend.Safe && n == 0 {
+		t.Fatalf("%v: no flush skipped its sync", c)
+	} else if c.flushHeavy {
+		t.Logf("%v: %d of %d flushes skipped the sync, %d syncs", c, n, r.engine.Stats.Flushes.Load(), r.store.Syncs())
+	}
 	if n := r.engine.Stats.Inline.Load(); c.inline && c.throttle && n > 0 {
 		// With limits, SubmitIdle goes through the throttle like Submit.
 		t.Fatalf("%v: %d requests ran inline past the limits", c, n)
@@ -312,6 +327,8 @@ func TestCrashConsistency(t *testing.T) {
 	configs = append(configs, rigConfig{lanes: 2, queues: 4, inline: true}, rigConfig{lanes: 2, queues: 2, writeThrough: "config", inline: true})
 	configs = append(configs, rigConfig{lanes: 2, queues: 4, throttle: true}, rigConfig{lanes: 2, queues: 2, inline: true, throttle: true})
 	configs = append(configs, rigConfig{lanes: 8, queues: 4, packed: true}, rigConfig{lanes: 2, queues: 2, inline: true, packed: true})
+	configs = append(configs, rigConfig{lanes: 8, queues: 4, flushHeavy: true}, rigConfig{lanes: 2, queues: 2, inline: true, flushHeavy: true},
+		rigConfig{lanes: 2, queues: 4, flushHeavy: true, throttle: true})
 	total, totalOps := 0, int64(0)
 	start := time.Now()
 	for i, c := range configs {
@@ -331,14 +348,17 @@ func TestCrashConsistency(t *testing.T) {
 // before draining (the loop-driver bug) until a crash image shows it: it must be caught.
 // A crash point catches it only when it falls between such a flush and the next sync and the
 // crash drops a write the flush should have covered, so the crash points follow completed flushes.
+// The same goes for a barrier that skips the sync when no write completed since the last one but
+// some are still in flight (the write generation read before the drain).
 func TestCrashCheckerCatchesSyncBeforeDrain(t *testing.T) {
 	const maxPoints = 600
-	for i, c := range []rigConfig{{lanes: 8, queues: 4, broken: true}, {lanes: 2, queues: 1, broken: true}, {lanes: 2, queues: 4, broken: true, throttle: true},
-		{lanes: 8, queues: 4, broken: true, packed: true}} {
+	sbd, skip := backend.UnsafeSyncBeforeDrain, backend.UnsafeSkipInflight
+	for i, c := range []rigConfig{{lanes: 8, queues: 4, unsafe: sbd}, {lanes: 2, queues: 1, unsafe: sbd}, {lanes: 2, queues: 4, unsafe: sbd, throttle: true},
+		{lanes: 8, queues: 4, unsafe: sbd, packed: true}, {lanes: 8, queues: 4, unsafe: skip, flushHeavy: true}} {
 		t.Run(c.String(), func(t *testing.T) {
 			points, bad, examples, _ := crashRun(t, c, uint64(100+i), maxPoints, true)
 			if bad == 0 {
-				t.Fatalf("a barrier that syncs before draining passed %d crash points", points)
+				t.Fatalf("a barrier that is %v passed %d crash points", c.unsafe, points)
 			}
 			t.Logf("caught after %d crash points: %s", points, examples[0])
 		})

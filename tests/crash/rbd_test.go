@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vublk/vublk/tests/internal/buildvublk"
 	"github.com/vublk/vublk/vhostuser/frontend"
 	"github.com/vublk/vublk/virtio"
 )
@@ -39,10 +40,8 @@ func TestRBDKillRestart(t *testing.T) {
 	}
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "vublk")
-	build := exec.Command("go", "build", "-tags", "rbd", "-o", bin, "./cmd/vublk")
-	build.Dir = "../.."
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building vublk: %v\n%s", err, out)
+	if err := buildvublk.Build(bin, "rbd"); err != nil {
+		t.Fatalf("building vublk: %v", err)
 	}
 	// librbd's default cache policy (writearound) sends every write to the OSDs at once; in
 	// writeback mode (from the first write on, not only after the first flush) it keeps them in
@@ -224,10 +223,8 @@ func TestRBDTimeout(t *testing.T) {
 	}
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "vublk")
-	build := exec.Command("go", "build", "-tags", "rbd", "-o", bin, "./cmd/vublk")
-	build.Dir = "../.."
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building vublk: %v\n%s", err, out)
+	if err := buildvublk.Build(bin, "rbd"); err != nil {
+		t.Fatalf("building vublk: %v", err)
 	}
 	img := fmt.Sprintf("%s/timeout-%d", pool, time.Now().UnixNano())
 	t.Cleanup(func() { exec.Command("rbd", "-c", conf, "-k", keyring, "rm", "--no-progress", img).Run() })

@@ -372,6 +372,8 @@ phase_migrate() {
 	off=$(param mig_off)
 	mibs=$(param mibs)
 	want=$(param sum)
+	# Feature bit 34 (VIRTIO_F_RING_PACKED) is character 35: 1 where the host asked for packed=on.
+	expect mig_ring_packed "$(cut -c35 /sys/block/vda/device/features)" "$(param packed)"
 	# Hold /dev/vda open for the whole phase: when its last opener closes it, Linux drops the
 	# block device's page cache (blkdev_put -> kill_bdev), and the checksum below would read the
 	# region from the destination's back-end instead of from the page cache the migration

@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vublk/vublk/tests/internal/buildvublk"
 )
 
 //go:embed guest.sh
@@ -145,17 +147,8 @@ func setup(m *testing.M) (int, error) {
 		return 0, err
 	}
 	env.vublk = filepath.Join(env.work, "vublk")
-	// The Makefile's GODEBUG default (its GODEBUG_DEFAULT): the vublk under test is the one make
-	// build makes. VUBLK_GODEBUG_DEFAULT overrides it ("" builds without it).
-	godebug, ok := os.LookupEnv("VUBLK_GODEBUG_DEFAULT")
-	if !ok {
-		godebug = "schedtrace=2147483647"
-	}
-	build := exec.Command("go", "build", "-tags", vublkBuildTags(), "-ldflags", "-X=runtime.godebugDefault="+godebug,
-		"-o", env.vublk, "./cmd/vublk")
-	build.Dir = root
-	if out, err := build.CombinedOutput(); err != nil {
-		return 0, fmt.Errorf("building vublk: %v\n%s", err, out)
+	if err := buildvublk.Build(env.vublk, vublkBuildTags()); err != nil {
+		return 0, fmt.Errorf("building vublk: %w", err)
 	}
 	kroot := filepath.Join(root, ".cache", "kernel", "root")
 	kernels, _ := filepath.Glob(filepath.Join(kroot, "boot", "vmlinuz-*"))

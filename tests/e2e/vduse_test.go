@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/vublk/vublk/tests/internal/buildvublk"
 )
 
 //go:embed vduse_guest.sh
@@ -112,11 +114,8 @@ func TestVDUSEGuestKernel6_12(t *testing.T) {
 // (busybox insmod does not read .ko.xz) in load order, and vduse_guest.sh as /init.
 func buildVDUSEInitramfs(t *testing.T, out, moddir string) error {
 	tree := t.TempDir()
-	build := exec.Command("go", "build", "-o", filepath.Join(tree, "vublk"), "./cmd/vublk")
-	build.Dir = env.root
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		return fmt.Errorf("building a static vublk: %v\n%s", err, out)
+	if err := buildvublk.Build(filepath.Join(tree, "vublk"), "", "CGO_ENABLED=0"); err != nil {
+		return fmt.Errorf("building a static vublk: %w", err)
 	}
 	if err := addGuestBase(tree, vduseGuestInit); err != nil {
 		return err

@@ -26,6 +26,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vublk/vublk/tests/internal/buildvublk"
 	"github.com/vublk/vublk/vhostuser/frontend"
 )
 
@@ -43,8 +44,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	vublkBin = filepath.Join(dir, "vublk")
-	if out, err := exec.Command("go", "build", "-o", vublkBin, "github.com/vublk/vublk/cmd/vublk").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "go build: %v\n%s", err, out)
+	if err := buildvublk.Build(vublkBin, ""); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.RemoveAll(dir)
 		os.Exit(1)
 	}

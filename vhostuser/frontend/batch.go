@@ -21,6 +21,7 @@ type Slot struct {
 	q   *Queue
 	buf Buffer
 	cap int
+	p   Pending // the request in flight from the slot, reused request after request
 }
 
 // slotHeader is the offset of the data in a slot's buffer.
@@ -58,6 +59,12 @@ type SlotRequest struct {
 	// Out is copied into the slot (under the queue's lock, so that a
 	// concurrent Close cannot unmap it meanwhile) for types that send data.
 	Out []byte
+	// Prefilled says that the slot already holds Out: the caller copied
+	// the same bytes with an earlier request of this slot and nothing
+	// wrote the slot since (no read used it). Only len(Out) is used then,
+	// and nothing is copied, as a driver that writes one buffer again and
+	// again does not rewrite it.
+	Prefilled bool
 	// InLen is how many bytes the device writes before the status byte:
 	// the length of a read. Read them with Slot.In from OnComplete.
 	InLen int
@@ -114,7 +121,7 @@ func (q *Queue) SubmitBatch(reqs []SlotRequest) error {
 func (q *Queue) putSlotLocked(r *SlotRequest, n int) {
 	chain, p := q.slotChainLocked(r)
 	ids := q.freeDesc[len(q.freeDesc)-n:]
-	p.descs = append(make([]uint16, 0, n), ids...)
+	p.descs = append(p.descs[:0], ids...)
 	q.freeDesc = q.freeDesc[:len(q.freeDesc)-n]
 	for i, c := range chain {
 		flags, next := c.Flags, uint16(0)
@@ -141,7 +148,9 @@ func (q *Queue) slotChainLocked(r *SlotRequest) ([]Desc, *Pending) {
 	binary.LittleEndian.PutUint32(d[0:], r.Type)
 	binary.LittleEndian.PutUint32(d[4:], 0) // ioprio
 	binary.LittleEndian.PutUint64(d[8:], r.Sector)
-	copy(d[slotHeader:], r.Out)
+	if !r.Prefilled {
+		copy(d[slotHeader:], r.Out)
+	}
 	statusOff := slotHeader + s.cap
 	d[statusOff] = 0xff // a status the device never wrote is ErrBadStatus
 	gpa := s.buf.GPA
@@ -156,9 +165,11 @@ func (q *Queue) slotChainLocked(r *SlotRequest) ([]Desc, *Pending) {
 	chain[n-1] = Desc{Addr: gpa + uint64(statusOff), Len: 1, Flags: virtio.DescFWrite}
 
 	// The slot's buffer is not the request's to free (buf stays zero), and
-	// the read data stays in the slot (inLen stays zero).
-	p := &Pending{q: q, statusGPA: gpa + uint64(statusOff), hasStatus: true, onComplete: r.OnComplete,
-		done: make(chan struct{})}
+	// the read data stays in the slot (inLen stays zero). The slot's
+	// Pending is free: its last request has completed. Nobody waits for it
+	// (done stays nil); it keeps its descriptor list's memory.
+	p := &s.p
+	*p = Pending{q: q, statusGPA: gpa + uint64(statusOff), hasStatus: true, onComplete: r.OnComplete, descs: p.descs[:0]}
 	return chain[:n], p
 }
 
@@ -171,6 +182,7 @@ func (q *Queue) announceLocked(old uint16) {
 	}
 	store16(q.avail, 2, q.availIdx) // publishes the entries; a full barrier
 	if q.kick != nil && q.needKick(old, q.availIdx) {
+		q.kicks.Add(1)
 		q.kick.Write(eventOne)
 	}
 }

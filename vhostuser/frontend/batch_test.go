@@ -101,6 +101,20 @@ func TestSubmitBatch(t *testing.T) {
 					t.Fatalf("write %d: %+v", i, r)
 				}
 			}
+			// Prefilled: slot 1 still holds data(1), so a write from it sends that, not Out
+			// (only Out's length counts); a write that is not prefilled copies Out.
+			for _, tc := range []struct {
+				prefilled bool
+				want      []byte
+			}{{true, data(1)}, {false, data(99)}} {
+				sector := uint64(n * bs / 512)
+				if r := run([]SlotRequest{{Slot: slots[1], Type: virtio.BlkTOut, Sector: sector, Out: data(99), Prefilled: tc.prefilled}}); r[0].Err != nil {
+					t.Fatalf("write prefilled=%v: %v", tc.prefilled, r[0].Err)
+				}
+				if got, err := q.Read(sector, bs); err != nil || !bytes.Equal(got, tc.want) {
+					t.Fatalf("prefilled=%v: read back the wrong data (%d bytes), err %v", tc.prefilled, len(got), err)
+				}
+			}
 			if r := run([]SlotRequest{{Slot: slots[0], Type: virtio.BlkTFlush}}); r[0].Err != nil {
 				t.Fatalf("flush: %v", r[0].Err)
 			}

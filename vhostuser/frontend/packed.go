@@ -72,6 +72,7 @@ func (q *Queue) publishPackedLocked(chain []Desc, p *Pending) error {
 	head, headWrap := pk.next, pk.nextWrap
 	q.putPackedLocked(chain, p)
 	if q.kick != nil && q.needKickPacked(head, headWrap, n) {
+		q.kicks.Add(1)
 		q.kick.Write(eventOne)
 	}
 	return nil
@@ -121,6 +122,7 @@ func (q *Queue) submitBatchPacked(reqs []SlotRequest) error {
 	old, oldWrap, count := pk.next, pk.nextWrap, 0
 	announce := func() {
 		if count > 0 && !q.closed && q.kick != nil && q.needKickPacked(old, oldWrap, count) {
+			q.kicks.Add(1)
 			q.kick.Write(eventOne)
 		}
 		old, oldWrap, count = pk.next, pk.nextWrap, 0

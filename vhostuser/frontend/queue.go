@@ -83,10 +83,13 @@ func (p *Pending) finish(used uint32, err error) {
 		}
 	}
 	p.q.mem.Free(p.buf)
+	done := p.done // nil for a slot's request, whose Pending may be reused once onComplete has run
 	if p.onComplete != nil {
 		p.onComplete(p.res)
 	}
-	close(p.done)
+	if done != nil {
+		close(done)
+	}
 }
 
 func statusErr(s uint8) error {
@@ -129,6 +132,8 @@ type Queue struct {
 	kick     *os.File // nil while stopped
 	closed   bool
 	kicks    atomic.Uint64 // kicks written, for Kicks
+
+	interrupts atomic.Uint64 // call eventfd reads, for Interrupts
 
 	// While running: the eventfds and the goroutines waiting on them.
 	// Completions are collected by the reaper only, or, once it has
@@ -368,6 +373,10 @@ func (q *Queue) publishLocked(chain []Desc, p *Pending) error {
 // asked not to be kicked for the other requests (it was popping or polling).
 func (q *Queue) Kicks() uint64 { return q.kicks.Load() }
 
+// Interrupts is how many times the completion goroutine woke up on the call
+// eventfd (several signals of the back-end between two wake-ups count once).
+func (q *Queue) Interrupts() uint64 { return q.interrupts.Load() }
+
 // needKick reports whether the back-end asked to be kicked for the entries
 // made available from old to now (virtio 1.2, 2.7.10).
 func (q *Queue) needKick(old, now uint16) bool {
@@ -440,6 +449,7 @@ func (q *Queue) reap(call *os.File, done chan struct{}) {
 		if _, err := call.Read(buf[:]); err != nil {
 			return // closed by halt
 		}
+		q.interrupts.Add(1)
 	}
 }
 
