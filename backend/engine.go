@@ -355,11 +355,15 @@ func (e *Engine) run(l *lane) {
 	debug.SetPanicOnFault(true)
 	// Every inlineSampleEvery-th read or write is timed for the inline gate:
 	// enough to follow the store's speed, without every lane writing the
-	// shared average on every request.
+	// shared average on every request. While the gate is closed every one
+	// is: a fast store whose gate one slow request closed (a thread
+	// preempted on a busy host) gets its requests back inline after a few
+	// requests instead of a few dozen, and a slow store's requests take
+	// long enough that one more shared write each costs nothing.
 	n := 0
 	for r := range l.ch {
 		l.busy.Store(true)
-		if n++; n%inlineSampleEvery == 0 && (r.Op == OpRead || r.Op == OpWrite) {
+		if n++; (n%inlineSampleEvery == 0 || !e.inline.open()) && (r.Op == OpRead || r.Op == OpWrite) {
 			t0 := monotime()
 			r.Err = e.executeSafe(r)
 			e.inline.observe(monotime() - t0)

@@ -35,9 +35,25 @@ func (g *inlineGate) open() bool {
 	return limit > 0 && g.avg.Load() < limit
 }
 
+// outlierFactor bounds what one sample adds to the gate's average: at most
+// this many times the limit. The times are wall-clock times, and on a busy
+// host the thread running a request is now and then preempted in the middle
+// of it: a page-cache read of 10 µs then shows as milliseconds. Unbounded,
+// one such sample closed the gate for the next 20 samples or so, and the
+// lanes timed one request in inlineSampleEvery: about 160 requests handed
+// to lanes, each a futex wake-up of a lane's thread (at 4k QD1 under a slow
+// driver on the loaded test machine, one request in ten went to a lane).
+// Bounded, it closes the gate for 3 samples. A store that is slow for more
+// than about one request in outlierFactor still keeps it closed: its
+// average tends to at least that share of outlierFactor times the limit.
+const outlierFactor = 8
+
 // observe adds one store time. Concurrent updates may lose a sample, which
 // an average can afford.
 func (g *inlineGate) observe(d time.Duration) {
+	if limit := g.limit.Load(); limit > 0 {
+		d = min(d, time.Duration(outlierFactor*limit))
+	}
 	avg := g.avg.Load()
 	g.avg.Store(avg + (int64(d)-avg)/8)
 }

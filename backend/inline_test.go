@@ -169,3 +169,46 @@ func BenchmarkSubmitIdle(b *testing.B) {
 		e.SubmitIdle(r)
 	}
 }
+
+// TestInlineGateOutliers feeds the inline gate sequences of store times: a fast store with one
+// request that took milliseconds (its thread preempted on a busy host) must open the gate again
+// within a few samples, while a store that is slow all the time, or for one request in four,
+// must keep it closed.
+func TestInlineGateOutliers(t *testing.T) {
+	const limit = 30 * time.Microsecond
+	fast, slow := 10*time.Microsecond, 5*time.Millisecond
+	for _, tt := range []struct {
+		name   string
+		sample func(i int) time.Duration
+		n      int
+		open   bool
+	}{
+		// 100 fast samples open the gate, one preempted one closes it, 4 fast ones reopen it
+		// (unbounded, that one sample kept it closed for 26).
+		{"one preempted request", func(i int) time.Duration {
+			if i == 100 {
+				return slow
+			}
+			return fast
+		}, 105, true},
+		{"slow store", func(int) time.Duration { return 100 * time.Microsecond }, 200, false},
+		{"one in four slow", func(i int) time.Duration {
+			if i%4 == 0 {
+				return slow
+			}
+			return fast
+		}, 200, false},
+		{"fast store", func(int) time.Duration { return fast }, 200, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var g inlineGate
+			g.init(limit)
+			for i := range tt.n {
+				g.observe(tt.sample(i))
+			}
+			if got := g.open(); got != tt.open {
+				t.Errorf("after %d samples: open %v (average %v), want %v", tt.n, got, time.Duration(g.avg.Load()), tt.open)
+			}
+		})
+	}
+}

@@ -127,6 +127,11 @@ type kickWaiter struct {
 	rc     syscall.RawConn
 	waits  int
 	pokedc chan struct{} // for waitPoke, after the kick descriptor failed
+	// The poller's callback, made once: a closure made in wait would be
+	// allocated on every wait. armed and ready are its state for one wait.
+	readFn func(uintptr) bool
+	armed  bool
+	ready  func() bool
 }
 
 // drainEvery is how many waits go by between reads of the kick counter.
@@ -147,7 +152,16 @@ func newKickWaiter(kick int) (*kickWaiter, error) {
 		f.Close()
 		return nil, fmt.Errorf("kick descriptor: %w", err)
 	}
-	return &kickWaiter{f: f, rc: rc, pokedc: make(chan struct{}, 1)}, nil
+	k := &kickWaiter{f: f, rc: rc, pokedc: make(chan struct{}, 1)}
+	k.readFn = func(uintptr) bool {
+		// Called once the poller is armed, and again after each wake-up.
+		if k.armed {
+			return true
+		}
+		k.armed = true
+		return k.ready()
+	}
+	return k, nil
 }
 
 // wait returns after a kick or a poke, or at once if ready reports true once
@@ -162,15 +176,9 @@ func (k *kickWaiter) wait(ready func() bool) error {
 			return true
 		})
 	}
-	armed := false
-	err := k.rc.Read(func(uintptr) bool {
-		// Called once the poller is armed, and again after each wake-up.
-		if armed {
-			return true
-		}
-		armed = true
-		return ready()
-	})
+	k.armed, k.ready = false, ready
+	err := k.rc.Read(k.readFn)
+	k.ready = nil
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		k.f.SetReadDeadline(time.Time{})
 		return nil

@@ -418,3 +418,26 @@ func TestStatusFor(t *testing.T) {
 		})
 	}
 }
+
+// TestParseBlkRequestNoAllocs: a request reused for write after write (the pooled blkReq) parses
+// without allocating once its slices have grown: the header's slice, cut off the front of Out,
+// must not be lost from the capacity kept for the next request.
+func TestParseBlkRequestNoAllocs(t *testing.T) {
+	r := newTestRing(t, 8, false)
+	h, d, s := r.put(blkHeader(BlkTOut, 9)), r.put(pattern(4096, 1)), r.alloc(1)
+	hd := r.put(append(blkHeader(BlkTOut, 9), pattern(512, 2)...))
+	for _, segs := range [][]Segment{
+		{{h, 16, false}, {d, 4096, false}, {s, 1, true}},
+		{{hd, 16 + 512, false}, {s, 1, true}},
+	} {
+		var req BlkRequest
+		allocs := testing.AllocsPerRun(100, func() {
+			if err := ParseBlkRequest(r.mem, segs, &req); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if allocs != 0 {
+			t.Errorf("%d segments: %.2f allocations per request, want 0", len(segs), allocs)
+		}
+	}
+}

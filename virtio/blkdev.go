@@ -355,7 +355,7 @@ func (d *BlkDevice) dispatch(q *Queue, r *blkReq, over bool, overErr error) (err
 		// Answered without parsing: IOERR in the chain's last byte if the
 		// device may write it.
 		last := q.chain.Segs[0]
-		r.blk = BlkRequest{Out: r.blk.Out[:0], In: r.blk.In[:0]}
+		r.blk = BlkRequest{Out: r.blk.Out[:0], In: r.blk.In[:0], outBuf: r.blk.outBuf}
 		if !last.Write || last.Len == 0 {
 			return fmt.Errorf("%w: %w, and no status byte", ErrBadRequest, overErr)
 		}

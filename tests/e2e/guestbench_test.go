@@ -38,6 +38,9 @@ type guestBenchRun struct {
 	// bench-start line to its bench-end line, and CPUPerIO that over IOs.
 	ServerCPU float64 `json:"server_cpu_s"`
 	CPUPerIO  float64 `json:"server_cpu_us_per_io"`
+	// CSPerIO is the back-end's context switches (voluntary and involuntary, summed over its
+	// threads alive at the job's start and end) per request.
+	CSPerIO float64 `json:"server_cs_per_io"`
 }
 
 // TestGuestBench is the in-guest half of `make bench`: the TCG guest runs the same fio jobs
@@ -77,18 +80,39 @@ func TestGuestBench(t *testing.T) {
 	}
 	// vublk-packed is the same server, with the guest's disk on packed rings (packed=on).
 	commands["vublk-packed"] = commands["vublk"]
+	// qsd10 is the Debian 13 root's qemu-storage-daemon 10.0 (scripts/trixie-run keeps its PID, and
+	// binds /dev/shm in), with the same options: the goal compares vublk with the better QSD.
+	backends := []string{"qsd", "vublk", "vublk-packed"}
+	trixie := filepath.Join(env.root, "scripts", "trixie-run")
+	if out, err := exec.Command(trixie, "qemu-storage-daemon", "--version").Output(); err == nil {
+		commands["qsd10"] = append([]string{trixie, "qemu-storage-daemon"}, commands["qsd"][1:]...)
+		backends = append(backends, "qsd10")
+		t.Logf("qsd10: %s", strings.SplitN(string(out), "\n", 2)[0])
+	} else {
+		t.Logf("no qemu-storage-daemon in the Debian 13 root (%v): qsd10 left out", err)
+	}
+	// VUBLK_GUEST_BENCH_REF=BINARY adds vublk-ref, another vublk binary on split rings (an A/B
+	// in the same run); VUBLK_GUEST_BENCH_ONLY=a,b keeps those back-ends only.
+	if ref := os.Getenv("VUBLK_GUEST_BENCH_REF"); ref != "" {
+		commands["vublk-ref"] = append([]string{ref}, commands["vublk"][1:]...)
+		backends = append(backends, "vublk-ref")
+	}
+	if only := os.Getenv("VUBLK_GUEST_BENCH_ONLY"); only != "" {
+		keep := strings.Split(only, ",")
+		backends = slices.DeleteFunc(backends, func(b string) bool { return !slices.Contains(keep, b) })
+	}
 
 	var runs []guestBenchRun
 	for round := 1; round <= rounds; round++ {
 		// Alternate which server goes first, as scripts/bench.sh does.
-		order := []string{"qsd", "vublk", "vublk-packed"}
+		order := slices.Clone(backends)
 		if round%2 == 0 {
 			slices.Reverse(order)
 		}
 		for _, backend := range order {
 			t.Run(fmt.Sprintf("round%d-%s", round, backend), func(t *testing.T) {
 				argv := commands[backend]
-				if prof := os.Getenv("VUBLK_GUEST_BENCH_CPUPROFILE"); prof != "" && backend != "qsd" {
+				if prof := os.Getenv("VUBLK_GUEST_BENCH_CPUPROFILE"); prof != "" && strings.HasPrefix(backend, "vublk") {
 					// A CPU profile of vublk per round, for go tool pprof.
 					argv = append(argv[:len(argv):len(argv)], "--cpuprofile", fmt.Sprintf("%s.%s.round%d", prof, backend, round))
 				}
@@ -97,8 +121,8 @@ func TestGuestBench(t *testing.T) {
 				srv.stop(t)
 				for i := range got {
 					got[i].Backend, got[i].Round = backend, round
-					t.Logf("%-22s %8.0f IOPS  p50 %7.1f us  server CPU %.2f s, %.2f us/IO",
-						got[i].Job, got[i].IOPS, got[i].P50, got[i].ServerCPU, got[i].CPUPerIO)
+					t.Logf("%-22s %8.0f IOPS  p50 %7.1f us  server CPU %.2f s, %.2f us/IO, %.2f cs/IO",
+						got[i].Job, got[i].IOPS, got[i].P50, got[i].ServerCPU, got[i].CPUPerIO, got[i].CSPerIO)
 				}
 				runs = append(runs, got...)
 			})
@@ -136,6 +160,7 @@ func guestBench(t *testing.T, pid int, socket string, seconds int, packed bool) 
 	var runs []guestBenchRun
 	started := map[string]time.Duration{}
 	used := map[string]time.Duration{}
+	csStarted, csUsed := map[string]uint64{}, map[string]uint64{}
 	cpu := func() time.Duration {
 		d, err := bench.ProcessCPU(pid)
 		if err != nil {
@@ -161,9 +186,9 @@ func guestBench(t *testing.T, pid int, socket string, seconds int, packed bool) 
 			}
 			switch job := f[2]; f[1] {
 			case "bench-start":
-				started[job] = cpu()
+				started[job], csStarted[job] = cpu(), contextSwitches(pid)
 			case "bench-end":
-				used[job] = cpu() - started[job]
+				used[job], csUsed[job] = cpu()-started[job], contextSwitches(pid)-csStarted[job]
 			case "bench":
 				if len(f) != 6 {
 					t.Errorf("malformed bench line %q", line)
@@ -182,6 +207,7 @@ func guestBench(t *testing.T, pid int, socket string, seconds int, packed bool) 
 				}
 				if r.IOs > 0 {
 					r.CPUPerIO = float64(used[job].Microseconds()) / float64(r.IOs)
+					r.CSPerIO = float64(csUsed[job]) / float64(r.IOs)
 				}
 				runs = append(runs, r)
 			}
@@ -196,6 +222,29 @@ func guestBench(t *testing.T, pid int, socket string, seconds int, packed bool) 
 		t.Errorf("the guest reported %d bench jobs, want %d", len(runs), jobs)
 	}
 	return runs
+}
+
+// contextSwitches is the sum of the voluntary and involuntary context switches of pid's threads
+// (those alive now: a thread that exited is not counted).
+func contextSwitches(pid int) uint64 {
+	statuses, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	var n uint64
+	for _, p := range statuses {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "voluntary_ctxt_switches:"); ok {
+				c, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+				n += c
+			} else if v, ok := strings.CutPrefix(line, "nonvoluntary_ctxt_switches:"); ok {
+				c, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+				n += c
+			}
+		}
+	}
+	return n
 }
 
 // server is a vhost-user-blk back-end process (any: QSD, vublk) with its output in a file.
@@ -298,31 +347,41 @@ func writeGuestBenchTable(w io.Writer, runs []guestBenchRun) {
 		width = max(width, len(j))
 	}
 	pad := func(s string) string { return s + strings.Repeat(" ", width-len(s)) }
-	// One table per vublk variant (split rings, packed rings), each against QSD.
-	for _, b := range []string{"vublk", "vublk-packed"} {
-		if !slices.ContainsFunc(runs, func(r guestBenchRun) bool { return r.Backend == b }) {
-			continue
+	// One row per job and back-end; each vublk row has its ratios to each QSD and to the better
+	// one (the lower CPU per I/O).
+	var backends []string
+	for _, b := range []string{"qsd", "qsd10", "vublk", "vublk-packed", "vublk-ref"} {
+		if slices.ContainsFunc(runs, func(r guestBenchRun) bool { return r.Backend == b }) {
+			backends = append(backends, b)
 		}
-		fmt.Fprintln(tw, pad("job")+"\tIOPS qsd\tIOPS "+b+"\tratio\tp50us qsd\tp50us "+b+"\t"+
-			"CPUus/IO qsd\tCPUus/IO "+b+"\tratio\t")
-		for _, j := range jobs {
-			iq := median(j, "qsd", func(r guestBenchRun) float64 { return r.IOPS })
-			iv := median(j, b, func(r guestBenchRun) float64 { return r.IOPS })
-			pq := median(j, "qsd", func(r guestBenchRun) float64 { return r.P50 })
-			pv := median(j, b, func(r guestBenchRun) float64 { return r.P50 })
-			cq := median(j, "qsd", func(r guestBenchRun) float64 { return r.CPUPerIO })
-			cv := median(j, b, func(r guestBenchRun) float64 { return r.CPUPerIO })
-			fmt.Fprintln(tw, strings.Join([]string{pad(j),
-				num(iq, "%.0f"), num(iv, "%.0f"), num(iv/iq, "%.2f"),
-				num(pq, "%.1f"), num(pv, "%.1f"),
-				num(cq, "%.2f"), num(cv, "%.2f"), num(cv/cq, "%.2f")}, "\t")+"\t")
+	}
+	fmt.Fprintln(tw, pad("job")+"\tbackend\tIOPS\tp50us\tCPUus/IO\tcs/IO\tCPU/qsd\tCPU/qsd10\tCPU/best qsd\t")
+	for _, j := range jobs {
+		cpu := func(b string) float64 { return median(j, b, func(r guestBenchRun) float64 { return r.CPUPerIO }) }
+		best := math.NaN()
+		for _, q := range []string{"qsd", "qsd10"} {
+			if c := cpu(q); !math.IsNaN(c) && (math.IsNaN(best) || c < best) {
+				best = c
+			}
 		}
-		fmt.Fprintln(tw)
+		for _, b := range backends {
+			c := cpu(b)
+			ratios := []string{"", "", ""}
+			if strings.HasPrefix(b, "vublk") {
+				ratios = []string{num(c/cpu("qsd"), "%.2f"), num(c/cpu("qsd10"), "%.2f"), num(c/best, "%.2f")}
+			}
+			fmt.Fprintln(tw, strings.Join(append([]string{pad(j), b,
+				num(median(j, b, func(r guestBenchRun) float64 { return r.IOPS }), "%.0f"),
+				num(median(j, b, func(r guestBenchRun) float64 { return r.P50 }), "%.1f"),
+				num(c, "%.2f"),
+				num(median(j, b, func(r guestBenchRun) float64 { return r.CSPerIO }), "%.2f")},
+				ratios...), "\t")+"\t")
+		}
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "\nMedians over the rounds. The TCG guest's emulated CPUs limit the IOPS of both servers; CPUus/IO,"+
 		"\nthe server's CPU time (user+system, /proc/PID/stat, 10 ms ticks) per request, is the figure to"+
-		"\ncompare: a ratio (vublk over qsd) < 1 is cheaper.")
+		"\ncompare: a ratio (vublk over qsd) < 1 is cheaper. cs/IO: the server's context switches per request.")
 }
 
 func writeJSONLines(path string, runs []guestBenchRun) error {
