@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -127,12 +128,11 @@ func TestVerifyCatchesCorruption(t *testing.T) {
 // droppingStore acknowledges every 7th write without writing it.
 type droppingStore struct {
 	*backend.FileStore
-	n int
+	n atomic.Int64 // the queue's goroutine (inline) and the lane both call WriteAt
 }
 
 func (s *droppingStore) WriteAt(bufs [][]byte, off int64) error {
-	s.n++ // one lane: no concurrent calls
-	if s.n%7 == 0 {
+	if s.n.Add(1)%7 == 0 {
 		return nil
 	}
 	return s.FileStore.WriteAt(bufs, off)
