@@ -24,8 +24,10 @@ func TestBackendRestart(t *testing.T) {
 }
 
 // TestBackendRestartPacked is TestBackendRestart on packed rings (packed=on; the inflight buffer
-// has the packed layout), shorter: at most 45 s of guest I/O, at least 4 kills of which 2 find
-// requests in flight.
+// has the packed layout): at least 4 kills, more until 2 find requests in flight, at most 16 in
+// at most 75 s of guest I/O. A packed restart counts only when it resubmits requests (a split one
+// also when it corrects QEMU's stale ring base), and with requests run inline most kills find
+// none: one run of the final make test found none in 8 kills.
 func TestBackendRestartPacked(t *testing.T) {
 	forEachQEMU(t, func(t *testing.T, q *qemuBinary) { testBackendRestart(t, q, packedRestart) })
 }
@@ -41,7 +43,7 @@ type restartRun struct {
 
 var (
 	splitRestart  = restartRun{minKills: 10, maxKills: 16, wantResumed: 3, seconds: 90}
-	packedRestart = restartRun{minKills: 4, maxKills: 8, wantResumed: 2, seconds: 45, packed: true}
+	packedRestart = restartRun{minKills: 4, maxKills: 16, wantResumed: 2, seconds: 75, packed: true}
 )
 
 func testBackendRestart(t *testing.T, q *qemuBinary, run restartRun) {
