@@ -189,7 +189,7 @@ func (b *Barrier) flush() (wait, syncTime time.Duration, err error) {
 		return drained - start, monotime() - drained, ep.err
 	}
 	mode := b.unsafe
-	if mode == UnsafeSkipInflight && b.failed == nil && b.written == b.synced {
+	if mode == UnsafeSkipInflight && b.covered() {
 		b.skipped++
 		b.mu.Unlock()
 		return 0, 0, nil
@@ -206,12 +206,7 @@ func (b *Barrier) flush() (wait, syncTime time.Duration, err error) {
 		b.mu.Lock()
 		gen := b.written // what has exited so far: the writes still in flight are not covered
 		b.mu.Unlock()
-		err = b.sync()
-		b.mu.Lock()
-		if err == nil && b.failed == nil {
-			b.synced = gen
-		}
-		b.mu.Unlock()
+		err = b.syncCovering(gen)
 		<-ep.drained
 		drained = monotime()
 	} else {
@@ -220,18 +215,13 @@ func (b *Barrier) flush() (wait, syncTime time.Duration, err error) {
 		// The gate is closed and no mutating request is in flight: gen is
 		// every one ever admitted, and stays so until the gate reopens.
 		b.mu.Lock()
-		gen, skip := b.written, b.failed == nil && b.written == b.synced
+		gen, skip := b.written, b.covered()
 		if skip {
 			b.skipped++
 		}
 		b.mu.Unlock()
 		if !skip {
-			err = b.sync()
-			b.mu.Lock()
-			if err == nil && b.failed == nil {
-				b.synced = gen
-			}
-			b.mu.Unlock()
+			err = b.syncCovering(gen)
 		}
 	}
 
@@ -247,6 +237,23 @@ func (b *Barrier) flush() (wait, syncTime time.Duration, err error) {
 	close(ep.done)
 	b.mu.Unlock()
 	return drained - start, monotime() - drained, err
+}
+
+// covered reports, with b.mu held, whether the last successful sync covered
+// every mutating request that has exited, so that a flush need not sync
+// (never once a sync has failed).
+func (b *Barrier) covered() bool { return b.failed == nil && b.written == b.synced }
+
+// syncCovering syncs and, if the sync succeeded and none has failed before,
+// records that it covered the write generation gen.
+func (b *Barrier) syncCovering(gen uint64) error {
+	err := b.sync()
+	b.mu.Lock()
+	if err == nil && b.failed == nil {
+		b.synced = gen
+	}
+	b.mu.Unlock()
+	return err
 }
 
 // Latch records a durability failure found outside Flush (a write-through
