@@ -7,6 +7,9 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func openTemp(t *testing.T, size int64) (*FileStore, string) {
@@ -252,4 +255,65 @@ func TestFileResize(t *testing.T) {
 	if err := ro.Resize(512 << 10); err != nil || ro.Size() != 512<<10 {
 		t.Fatalf("shrinking the read-only view: %v, size %d", err, ro.Size())
 	}
+}
+
+// TestFileStoreNoATime: the store's reads leave the file's access time alone
+// (O_NOATIME), where a plain read of the same file, on the same file system,
+// moves it.
+func TestFileStoreNoATime(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		readOnly bool
+	}{{"read-write", false}, {"read-only", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "disk.img")
+			if err := os.WriteFile(path, make([]byte, 1<<16), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			old := time.Now().Add(-72 * time.Hour).Truncate(time.Second)
+			mtime := old.Add(-time.Hour)
+			// A plain read first: if it leaves the access time too (noatime
+			// mount), the check below would prove nothing.
+			if err := os.Chtimes(path, old, mtime); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.ReadFile(path); err != nil {
+				t.Fatal(err)
+			}
+			if atime(t, path).Equal(old) {
+				t.Skip("this file system does not update access times on reads")
+			}
+			if err := os.Chtimes(path, old, mtime); err != nil {
+				t.Fatal(err)
+			}
+			s, err := OpenFile(path, FileOptions{ReadOnly: tc.readOnly})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			flags, err := unix.FcntlInt(uintptr(s.fd), unix.F_GETFL, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if flags&unix.O_NOATIME == 0 {
+				t.Errorf("descriptor flags %#x lack O_NOATIME", flags)
+			}
+			buf := make([]byte, 4096)
+			if err := s.ReadAt([][]byte{buf}, 8192); err != nil {
+				t.Fatal(err)
+			}
+			if got := atime(t, path); !got.Equal(old) {
+				t.Errorf("access time after the store's read: %v, want it left at %v", got, old)
+			}
+		})
+	}
+}
+
+func atime(t *testing.T, path string) time.Time {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return time.Unix(st.Atim.Unix())
 }

@@ -12,6 +12,7 @@
 #   vublk-uring vublk serve --io-engine uring
 #   vublk-direct vublk serve --direct (O_DIRECT: tmpfs takes it from Linux 6.6)
 #   vublk-poll  vublk serve --poll-max 32us (polls the ring for up to 32 us before waiting for a kick)
+#   vublk-pollN vublk serve --poll-max Nus (e.g. vublk-poll8), to compare poll times side by side
 #   vublk-packed vublk serve, driven on packed rings by vublk bench --packed (libblkio drives split
 #               rings only, so the blkio client skips it)
 #   vublk-limited vublk serve with I/O limits far above what it can do, so that every request goes
@@ -129,11 +130,12 @@ start_server() {
   vublk-uring) exec "${vublk[@]}" --io-engine uring ;;
   vublk-direct) exec "${vublk[@]}" --direct ;;
   vublk-poll) exec "${vublk[@]}" --poll-max 32us ;;
+  vublk-poll[0-9]*) exec "${vublk[@]}" --poll-max "${1#vublk-poll}us" ;;
   vublk-packed) exec "${vublk[@]}" ;;
   vublk-limited) exec "${vublk[@]}" --iops-total 100000000 --bps-total 1000G ;;
   vublk-ref) exec "${VUBLK_REF:?vublk-ref needs VUBLK_REF, a vublk binary}" "${vublk[@]:1}" ;;
   *)
-    echo "bench: unknown server $1 (SERVERS: qsd10, qsd10-iot, vublk, vublk-uring, vublk-direct, vublk-poll, vublk-packed, vublk-limited, vublk-ref, qsd)" >&2
+    echo "bench: unknown server $1 (SERVERS: qsd10, qsd10-iot, vublk, vublk-uring, vublk-direct, vublk-poll, vublk-pollN, vublk-packed, vublk-limited, vublk-ref, qsd)" >&2
     exit 2
     ;;
   esac >"$dir/$1.log" 2>&1 &
