@@ -126,9 +126,10 @@ func Open(spec Spec, opt Options) (*Store, error) {
 // the request through librbd's layers down to the messenger's send queue on the calling
 // thread (connect sets rbd_non_blocking_aio=false): librbd's default hands every request to
 // its io_context_pool thread first, a thread wake-up per request (README, "RBD performance").
-// No layer waits there: a pending image refresh, an exclusive lock to acquire, a QoS limit or
-// blocked writes queue the request and dispatch it later from librbd's own threads, and the
-// objecter's in-flight throttle only counts for librados clients.
+// No layer waits there for the cluster: a pending image refresh, an exclusive lock to acquire,
+// a QoS limit or blocked writes queue the request and dispatch it later from librbd's own
+// threads. Only the objecter's in-flight throttle (objecter_inflight_ops and _op_bytes, per
+// export) can hold the caller, until replies handled on librbd's threads give budget back.
 func (s *Store) startAIO(n int) error {
 	if n == 0 {
 		n = defaultSlots

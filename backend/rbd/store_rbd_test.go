@@ -102,6 +102,9 @@ func TestStoreIO(t *testing.T) {
 		{"aio", Options{}},
 		// librbd's default: each request handed to its io_context_pool thread first.
 		{"aio-queued", Options{ClientConf: []string{"rbd_non_blocking_aio=true"}}},
+		// The objecter's in-flight throttle full: StartIO waits in librbd on the submitting
+		// goroutine until librbd's threads complete earlier requests.
+		{"aio-throttled", Options{ClientConf: []string{"objecter_inflight_ops=2", "objecter_inflight_op_bytes=8192"}}},
 		{"noaio", Options{NoAIO: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
