@@ -118,7 +118,8 @@ bench: deps build
 
 # The RBD rows: vublk --blk-rbd against qemu-storage-daemon's rbd driver on one image of a
 # single-node cluster started for it (scripts/bench-rbd.sh; ROUNDS, RUNTIME, SIZE_MB, CACHE=on,
-# PRIO=-10: the servers, the load generator and the OSD at that priority), with the OSD's CPU per I/O.
+# PRIO=-10: the servers, the load generator and the OSD at that priority, KEEP=1, SERVERS, JOBS),
+# with the OSD's CPU per I/O.
 bench-rbd: deps build
 	bash scripts/ceph-cluster.sh run bash scripts/bench-rbd.sh
 

@@ -15,7 +15,10 @@
 # that priority, for both servers alike; both are set back to 0 at the end), KEEP (unset: each round
 # starts one server, runs every job on it and stops it, then the other; 1: both servers run all the
 # time, on the same image, and each job runs on one, then at once on the other, which puts the two
-# runs of a pair closer in time).
+# runs of a pair closer in time), SERVERS ("qsd vublk", in this order in odd rounds and reversed in
+# even ones; vublk-conf is bin/vublk with VUBLK_RBD_CONF=$ALT_CONF, more client options such as
+# "rbd_non_blocking_aio=true", and vublk-ref the vublk binary VUBLK_REF), JOBS (the jobs' vublk
+# bench options, separated by ";": the six below by default).
 #
 # Besides vublk bench's summary it prints, per job and server, the medians with min-max of the
 # IOPS, of the server's CPU per I/O and of the OSD's (the OSD process's CPU time over the warm-up
@@ -57,6 +60,16 @@ jobs=(
   "--rw randwrite --bs 4k  --iodepth 32 --queues 1 --flush-every 32"
   "--rw read      --bs 64k --iodepth 8  --queues 1"
 )
+[ -z "${JOBS:-}" ] || IFS=';' read -r -a jobs <<<"$JOBS"
+SERVERS=${SERVERS:-qsd vublk}
+for s in $SERVERS; do
+  case $s in
+  qsd | vublk) ;;
+  vublk-conf) : "${ALT_CONF:?vublk-conf needs ALT_CONF, client options key=value}" ;;
+  vublk-ref) [ -x "${VUBLK_REF:-}" ] || { echo "bench-rbd: vublk-ref needs VUBLK_REF, a vublk binary" >&2; exit 1; } ;;
+  *) echo "bench-rbd: unknown server $s (SERVERS: qsd, vublk, vublk-conf, vublk-ref)" >&2; exit 1 ;;
+  esac
+done
 
 dir=$(mktemp -d /tmp/vublk-bench-rbd.XXXXXX)
 name=bench-$$
@@ -97,9 +110,12 @@ start_server() {
       --export "type=vhost-user-blk,id=e,node-name=r,addr.type=unix,addr.path=$sock,writable=on,num-queues=$QUEUES" \
       >"$dir/qsd.log" 2>&1 &
     ;;
-  vublk)
-    "$VUBLK" serve --socket-path "$sock" --blk-rbd "$image" --ceph-conf "$VUBLK_CEPH_CONF" \
-      --ceph-keyring "$VUBLK_CEPH_KEYRING" --num-queues "$QUEUES" "${vublk_cache[@]}" --log-level warn >"$dir/vublk.log" 2>&1 &
+  vublk | vublk-conf | vublk-ref)
+    local bin=$VUBLK conf=""
+    [ "$1" != vublk-conf ] || conf=$ALT_CONF
+    [ "$1" != vublk-ref ] || bin=$VUBLK_REF
+    VUBLK_RBD_CONF=$conf "$bin" serve --socket-path "$sock" --blk-rbd "$image" --ceph-conf "$VUBLK_CEPH_CONF" \
+      --ceph-keyring "$VUBLK_CEPH_KEYRING" --num-queues "$QUEUES" "${vublk_cache[@]}" --log-level warn >"$dir/$1.log" 2>&1 &
     ;;
   esac
   pids[$1]=$!
@@ -121,6 +137,7 @@ osd_out=${OUT%.jsonl}-osd.tsv
 : >"$osd_out"
 set_prio "${PRIO:-0}"
 
+echo "bench-rbd: servers $SERVERS${ALT_CONF:+ (vublk-conf: $ALT_CONF)}${VUBLK_REF:+ (vublk-ref: $VUBLK_REF)}"
 echo "bench-rbd: $($QSD --version | head -n 1) vs vublk ($(git describe --always --dirty 2>/dev/null || echo unknown)), $(nproc) CPUs"
 echo "bench-rbd: ${SIZE_MB} MiB RBD image, one OSD, $QUEUES queues per server, librbd cache $CACHE, ${#jobs[@]} jobs x $RUNTIME (+$RAMP warm-up), $ROUNDS rounds, priority ${PRIO:-as is}"
 # run_job ROUND SERVER JOB: one run, its line in OUT and in osd_out.
@@ -143,9 +160,9 @@ run_job() {
     "$round" "$ROUNDS" "$server" "$jname" "$iops" "$srv" "$osd"
 }
 
-[ -z "${KEEP:-}" ] || { start_server qsd; start_server vublk; }
+[ -z "${KEEP:-}" ] || for server in $SERVERS; do start_server "$server"; done
 for round in $(seq "$ROUNDS"); do
-  if [ $((round % 2)) -eq 1 ]; then order="qsd vublk"; else order="vublk qsd"; fi
+  if [ $((round % 2)) -eq 1 ]; then order=$SERVERS; else order=$(tr ' ' '\n' <<<"$SERVERS" | tac | xargs); fi
   if [ -n "${KEEP:-}" ]; then
     # Both servers keep running: each job runs on one, then at once on the other.
     for job in "${jobs[@]}"; do
@@ -171,7 +188,7 @@ medmm() {
 }
 printf '%-30s %-6s %-22s %-22s %-22s\n' job server "IOPS med (min-max)" "CPUus/IO server" "CPUus/IO OSD"
 for job in $(cut -f 1 "$osd_out" | awk '!seen[$0]++'); do
-  for server in qsd vublk; do
+  for server in $SERVERS; do
     rows=$(awk -F '\t' -v j="$job" -v s="$server" '$1 == j && $2 == s' "$osd_out")
     [ -n "$rows" ] || continue
     printf '%-30s %-6s %s  %s  %s\n' "$job" "$server" "$(medmm 4 <<<"$rows")" "$(medmm 5 <<<"$rows")" "$(medmm 6 <<<"$rows")"

@@ -137,7 +137,8 @@ static int64_t vublk_rw_wait(rbd_image_t image, int write, const struct iovec *i
 // vublk_connect makes the cluster handle: conf file, keyring, timeouts, connect. On failure
 // *cluster is shut down and NULL.
 // *stage says which step failed: 0 the handle, 1 reading the conf file, 2 an option, 3 connecting.
-static int vublk_connect(rados_t *cluster, const char *user, const char *conf, const char *keyring, const char *timeout, int nocache, int *stage) {
+// extra holds nextra strings, key, value, key, value...: more options, set after vublk's own.
+static int vublk_connect(rados_t *cluster, const char *user, const char *conf, const char *keyring, const char *timeout, int nocache, char **extra, int nextra, int *stage) {
 	*stage = 0;
 	int r = rados_create(cluster, user[0] ? user : NULL);
 	if (r < 0) {
@@ -152,6 +153,10 @@ static int vublk_connect(rados_t *cluster, const char *user, const char *conf, c
 	if (r == 0 && timeout[0]) r = rados_conf_set(*cluster, "rados_mon_op_timeout", timeout);
 	if (r == 0 && timeout[0]) r = rados_conf_set(*cluster, "client_mount_timeout", timeout);
 	if (r == 0 && nocache) r = rados_conf_set(*cluster, "rbd_cache", "false");
+	// librbd then dispatches an aio request on the calling thread instead of handing it to one
+	// of its own first (store_rbd.go, startAIO).
+	if (r == 0) r = rados_conf_set(*cluster, "rbd_non_blocking_aio", "false");
+	for (int i = 0; r == 0 && i + 1 < nextra; i += 2) r = rados_conf_set(*cluster, extra[i], extra[i + 1]);
 	if (r == 0) *stage = 3;
 	if (r == 0) r = rados_connect(*cluster);
 	if (r < 0) {
@@ -190,13 +195,24 @@ type conn struct {
 	ioctx   C.rados_ioctx_t
 }
 
-func connect(user, conf, keyring, timeout string, cache bool, pool, namespace string) (*conn, error) {
+// connect makes the cluster handle and the I/O context; extra are more options, key, value,
+// key, value...
+func connect(user, conf, keyring, timeout string, cache bool, extra []string, pool, namespace string) (*conn, error) {
 	cu, cc, ck, ct := C.CString(user), C.CString(conf), C.CString(keyring), C.CString(timeout)
+	// C memory: a Go slice passed to C may not hold Go pointers.
+	cx := unsafe.Slice((**C.char)(C.calloc(C.size_t(len(extra)+1), C.size_t(unsafe.Sizeof((*C.char)(nil))))), len(extra))
+	for i, kv := range extra {
+		cx[i] = C.CString(kv)
+	}
 	defer func() {
 		C.free(unsafe.Pointer(cu))
 		C.free(unsafe.Pointer(cc))
 		C.free(unsafe.Pointer(ck))
 		C.free(unsafe.Pointer(ct))
+		for _, p := range cx {
+			C.free(unsafe.Pointer(p))
+		}
+		C.free(unsafe.Pointer(unsafe.SliceData(cx)))
 	}()
 	c := &conn{}
 	var stage C.int
@@ -204,7 +220,7 @@ func connect(user, conf, keyring, timeout string, cache bool, pool, namespace st
 	if cache {
 		nocache = 0
 	}
-	if r := C.vublk_connect(&c.cluster, cu, cc, ck, ct, nocache, &stage); r < 0 {
+	if r := C.vublk_connect(&c.cluster, cu, cc, ck, ct, nocache, unsafe.SliceData(cx), C.int(len(cx)), &stage); r < 0 {
 		what := [...]string{"create the cluster handle", "read the ceph.conf " + conf, "set the cluster options", "connect to the cluster"}[stage]
 		if stage == 1 && conf == "" {
 			what = "find a ceph.conf (give --ceph-conf or ceph_conf)"
@@ -223,6 +239,17 @@ func connect(user, conf, keyring, timeout string, cache bool, pool, namespace st
 		C.free(unsafe.Pointer(cn))
 	}
 	return c, nil
+}
+
+// confGet is an option's value on the cluster handle (what librbd reads when it opens an image).
+func (c *conn) confGet(key string) (string, error) {
+	ck := C.CString(key)
+	defer C.free(unsafe.Pointer(ck))
+	var buf [256]C.char
+	if r := C.rados_conf_get(c.cluster, ck, &buf[0], C.size_t(len(buf))); r < 0 {
+		return "", errno(r)
+	}
+	return C.GoString(&buf[0]), nil
 }
 
 func (c *conn) close() {

@@ -107,4 +107,8 @@ type Options struct {
 	// NoAIO makes reads and writes blocking librbd calls on the lanes, one OS thread waiting per
 	// request in flight (what a binding without aio does). For comparison only.
 	NoAIO bool
+	// ClientConf are more librados/librbd options, "key=value", set after vublk's own
+	// (rbd_cache, the timeouts, rbd_non_blocking_aio=false), which they override. For
+	// measurements and tests.
+	ClientConf []string
 }

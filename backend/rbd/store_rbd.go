@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -76,7 +77,15 @@ func Open(spec Spec, opt Options) (*Store, error) {
 	if opt.Timeout > 0 {
 		timeout = strconv.FormatFloat(opt.Timeout.Seconds(), 'f', -1, 64)
 	}
-	c, err := connect(opt.User, opt.ConfFile, opt.Keyring, timeout, opt.Cache, spec.Pool, spec.Namespace)
+	var extra []string
+	for _, kv := range opt.ClientConf {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("rbd: client option %q: want key=value", kv)
+		}
+		extra = append(extra, k, v)
+	}
+	c, err := connect(opt.User, opt.ConfFile, opt.Keyring, timeout, opt.Cache, extra, spec.Pool, spec.Namespace)
 	if err != nil {
 		return nil, err
 	}
@@ -113,6 +122,14 @@ func Open(spec Spec, opt Options) (*Store, error) {
 	return s, nil
 }
 
+// startAIO sets up the aio slots and the reaper. StartIO's rbd_aio_readv/rbd_aio_writev run
+// the request through librbd's layers down to the messenger's send queue on the calling
+// thread (connect sets rbd_non_blocking_aio=false): librbd's default hands every request to
+// its io_context_pool thread first, a thread wake-up per request (README, "RBD performance").
+// No layer waits there for the cluster: a pending image refresh, an exclusive lock to acquire,
+// a QoS limit or blocked writes queue the request and dispatch it later from librbd's own
+// threads. Only the objecter's in-flight throttle (objecter_inflight_ops and _op_bytes, per
+// export) can hold the caller, until replies handled on librbd's threads give budget back.
 func (s *Store) startAIO(n int) error {
 	if n == 0 {
 		n = defaultSlots

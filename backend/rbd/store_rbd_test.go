@@ -95,10 +95,21 @@ func TestParseSpec(t *testing.T) {
 // concurrently on disjoint blocks, and reads everything back, also after closing and opening
 // the image again.
 func TestStoreIO(t *testing.T) {
-	for _, noAIO := range []bool{false, true} {
-		t.Run(fmt.Sprintf("noaio=%v", noAIO), func(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opt  Options
+	}{
+		{"aio", Options{}},
+		// librbd's default: each request handed to its io_context_pool thread first.
+		{"aio-queued", Options{ClientConf: []string{"rbd_non_blocking_aio=true"}}},
+		// The objecter's in-flight throttle full: StartIO waits in librbd on the submitting
+		// goroutine until librbd's threads complete earlier requests.
+		{"aio-throttled", Options{ClientConf: []string{"objecter_inflight_ops=2", "objecter_inflight_op_bytes=8192"}}},
+		{"noaio", Options{NoAIO: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
 			const size = 8 << 20
-			s, spec := openTemp(t, size, Options{NoAIO: noAIO})
+			s, spec := openTemp(t, size, tc.opt)
 			if s.Size() != size {
 				t.Fatalf("size %d, want %d", s.Size(), size)
 			}
@@ -261,5 +272,50 @@ func TestOpenMissing(t *testing.T) {
 	_, err = Open(Spec{Pool: pool, Image: "x"}, Options{ConfFile: conf + ".missing"})
 	if err == nil || !strings.Contains(err.Error(), "read the ceph.conf "+conf+".missing") {
 		t.Errorf("open with a missing ceph.conf: %v", err)
+	}
+}
+
+// TestOpenClientConf checks the client options vublk sets and that ClientConf overrides them.
+func TestOpenClientConf(t *testing.T) {
+	conf, keyring, pool := cluster(t)
+	for _, tc := range []struct {
+		name    string
+		opt     Options
+		want    map[string]string
+		wantErr string
+	}{
+		{"defaults", Options{}, map[string]string{"rbd_non_blocking_aio": "false", "rbd_cache": "false"}, ""},
+		{"cache", Options{Cache: true}, map[string]string{"rbd_non_blocking_aio": "false", "rbd_cache": "true"}, ""},
+		{"override", Options{ClientConf: []string{"rbd_non_blocking_aio=true", "rbd_io_scheduler=none"}},
+			map[string]string{"rbd_non_blocking_aio": "true", "rbd_io_scheduler": "none", "rbd_cache": "false"}, ""},
+		{"unknown option", Options{ClientConf: []string{"no_such_option=1"}}, nil, "set the cluster options"},
+		{"no value", Options{ClientConf: []string{"rbd_cache"}}, nil, "want key=value"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.opt.ConfFile, tc.opt.Keyring, tc.opt.CreateSize = conf, keyring, 1<<20
+			spec := Spec{Pool: pool, Image: fmt.Sprintf("test-conf-%d", time.Now().UnixNano())}
+			s, err := Open(spec, tc.opt)
+			if tc.wantErr != "" {
+				if err == nil {
+					s.Close()
+					rbdCLI(t, "rm", "--no-progress", spec.String())
+					t.Fatalf("Open succeeded, want an error with %q", tc.wantErr)
+				}
+				if !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("Open: %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+			defer rbdCLI(t, "rm", "--no-progress", spec.String())
+			defer s.Close()
+			for k, want := range tc.want {
+				if got, err := s.conn.confGet(k); err != nil || got != want {
+					t.Errorf("%s = %q (%v), want %q", k, got, err, want)
+				}
+			}
+		})
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -301,6 +302,8 @@ func (e *export) openImage() error {
 		Cache: e.spec.rbdCache,
 		// For measurements: blocking librbd calls on the lanes instead of aio (README, "Ceph RBD").
 		NoAIO: os.Getenv("VUBLK_RBD_NO_AIO") == "1",
+		// For measurements: more client options, "key=value key=value".
+		ClientConf: strings.Fields(os.Getenv("VUBLK_RBD_CONF")),
 	})
 	if err != nil {
 		return err

@@ -202,8 +202,9 @@ func startDaemon(t *testing.T, bin string, args []string) *exec.Cmd {
 }
 
 // TestRBDTimeout stops the cluster's only OSD under a vublk export with --rbd-timeout 3s: a
-// write sent during the outage fails with IOERR within the timeout (plus slack), and the daemon
-// goes on serving. When the OSD is back, writes and reads go on, and what was flushed before the
+// write sent during the outage fails with IOERR within the timeout (plus slack), a request
+// behind it on the same queue that needs no OSD completes meanwhile, and the daemon goes on
+// serving. When the OSD is back, writes and reads go on, and what was flushed before the
 // outage reads back intact. A flush that failed stays failed (latched) until the export is
 // restarted, after which flushes succeed again.
 func TestRBDTimeout(t *testing.T) {
@@ -269,7 +270,33 @@ func TestRBDTimeout(t *testing.T) {
 		}
 	}()
 	t0 := time.Now()
-	w := do(frontend.Request{Type: virtio.BlkTOut, Sector: 4096, Out: pattern(0x11)})
+	wp, err := fd.Queue(0).Submit(frontend.Request{Type: virtio.BlkTOut, Sector: 4096, Out: pattern(0x11)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// librbd dispatches the write on the queue's goroutine (rbd_non_blocking_aio=false), which
+	// must not wait there for the OSD: a GET_ID behind the write on the same queue completes
+	// while the write is still waiting, long before the timeout.
+	ip, err := fd.Queue(0).Submit(frontend.GetIDRequest())
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ip.Done():
+		if res := ip.Wait(); res.Err != nil {
+			t.Errorf("GET_ID during the outage: %v", res.Err)
+		}
+		select {
+		case <-wp.Done():
+			t.Errorf("the write during the outage ended after %v, before a GET_ID behind it", time.Since(t0))
+		default:
+		}
+	case <-wp.Done():
+		t.Errorf("the write during the outage ended after %v, before a GET_ID behind it", time.Since(t0))
+	case <-time.After(timeout / 2):
+		t.Errorf("a GET_ID behind a write to the stopped OSD took more than %v: the queue waits in librbd", timeout/2)
+	}
+	w := wp.Wait()
 	f := do(frontend.Request{Type: virtio.BlkTFlush})
 	took := time.Since(t0)
 	t.Logf("during the outage: write %v, flush %v, after %v", w.Err, f.Err, took.Round(time.Millisecond))
