@@ -61,10 +61,7 @@ type bounceBuffer struct {
 // created the file by then, and OpenFile must create it sparse and sized
 // first anyway.
 func openDirect(fd int, path string, block bool, fsBlock int) (*directIO, error) {
-	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
-	if err == nil {
-		_, err = unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags|unix.O_DIRECT)
-	}
+	err := addFlags(fd, unix.O_DIRECT)
 	if errors.Is(err, unix.EINVAL) {
 		return nil, fmt.Errorf("open %s: direct I/O is not supported on this file system (O_DIRECT: %v): %w", path, err, ErrNotSupported)
 	}

@@ -141,10 +141,15 @@ func (s *FileStore) init(path string, opt FileOptions, created bool) error {
 // page cache (README, "Performance"). Writes still update the modification
 // time. Where it is refused (EPERM), reads update the access time as
 // before.
-func noATime(fd int) {
-	if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil {
-		unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags|unix.O_NOATIME)
+func noATime(fd int) { addFlags(fd, unix.O_NOATIME) }
+
+// addFlags turns the file status flags flags on for fd, keeping the others.
+func addFlags(fd, flags int) error {
+	old, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err == nil {
+		_, err = unix.FcntlInt(uintptr(fd), unix.F_SETFL, old|flags)
 	}
+	return err
 }
 
 // Size implements Store.
